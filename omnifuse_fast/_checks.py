@@ -1,0 +1,217 @@
+"""Input validation shared by every op, run once before any backend is chosen.
+
+Shape, dtype and device checks always run: they read metadata only. Value checks (label and
+index ranges, finite logits, empty ``present`` rows) read the data, so they can be switched
+off with :func:`set_value_checks` where that extra pass matters; they are also skipped while
+``torch.compile`` traces (a data-dependent branch would break the graph).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+DISTANCES = ("ce", "l1", "l2")
+MIN_MODALITIES, MAX_MODALITIES = 2, 8
+
+_value_checks = True
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the value checks (label/index ranges, finiteness) on or off for every op."""
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+def value_checks_enabled() -> bool:
+    """Whether value checks run now (on, and not inside a ``torch.compile`` trace)."""
+    return _value_checks and not torch.compiler.is_compiling()
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    shape: Sequence[int | None] | None = None,
+) -> torch.Tensor:
+    """Check that ``t`` is a tensor of the given rank, dtype family and shape (None: any)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        want = f"[{', '.join('?' if s is None else str(s) for s in shape)}]" if shape else ""
+        raise ValueError(f"{name} must have {ndim} dimensions {want}, got {_describe(t)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {_describe(t)}")
+    if shape is not None:
+        for i, (got, want) in enumerate(zip(t.shape, shape)):
+            if want is not None and got != want:
+                expected = ", ".join("?" if s is None else str(s) for s in shape)
+                raise ValueError(
+                    f"{name} must have shape [{expected}] (dim {i} = {want}), got {_describe(t)}"
+                )
+    return t
+
+
+def floating(name: str, t: object, **kw) -> torch.Tensor:
+    """A floating tensor (fp32, bf16, fp16 or fp64)."""
+    return tensor(name, t, dtypes=FLOAT_DTYPES, **kw)
+
+
+def same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """All given tensors on one device; returns it."""
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    device = items[0][1].device
+    for name, t in items[1:]:
+        if t.device != device:
+            first = items[0][0]
+            raise ValueError(f"{name} is on {t.device} but {first} is on {device}: same device")
+    return device
+
+
+def same_dtype(**tensors: torch.Tensor) -> torch.dtype:
+    """All given floating tensors share one dtype; returns it."""
+    items = list(tensors.items())
+    dtype = items[0][1].dtype
+    for name, t in items[1:]:
+        if t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {items[0][0]} has {dtype}: same dtype")
+    return dtype
+
+
+def num_modalities(m: int, name: str = "num_modalities") -> int:
+    """2 <= M <= 8."""
+    if isinstance(m, bool) or not isinstance(m, int):
+        raise TypeError(f"{name} must be an int, got {type(m).__name__}")
+    if not MIN_MODALITIES <= m <= MAX_MODALITIES:
+        raise ValueError(f"{name} must be in {MIN_MODALITIES}..{MAX_MODALITIES}, got {m}")
+    return m
+
+
+def positive_int(name: str, v: object, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+def real(name: str, v: object, lo: float | None = None, hi: float | None = None) -> float:
+    """A finite Python number in [lo, hi]."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    v = float(v)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def choice(name: str, v: object, options: Sequence[str]) -> str:
+    if v not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {v!r}")
+    return v  # type: ignore[return-value]
+
+
+def finite(name: str, t: torch.Tensor) -> None:
+    """Value check: no NaN or inf in ``t``."""
+    if value_checks_enabled() and t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite; it holds NaN or inf ({_describe(t)})")
+
+
+def in_range(name: str, t: torch.Tensor, lo: int, hi: int, what: str = "values") -> None:
+    """Value check: integer tensor with every element in [lo, hi]."""
+    if value_checks_enabled() and t.numel():
+        tmin, tmax = int(t.min()), int(t.max())
+        if tmin < lo or tmax > hi:
+            raise ValueError(f"{name} {what} must be in [{lo}, {hi}], got min {tmin}, max {tmax}")
+
+
+def logits3(name: str, t: object) -> torch.Tensor:
+    """Per-modality logits ``[B, M, C]`` with 2 <= M <= 8 and C >= 2."""
+    t = floating(name, t, ndim=3, shape=(None, None, None))
+    num_modalities(t.shape[1], f"{name}.shape[1] (M)")
+    if t.shape[2] < 2:
+        raise ValueError(f"{name} needs C >= 2 classes in dim 2, got {_describe(t)}")
+    if t.shape[0] < 1:
+        raise ValueError(f"{name} needs a batch of at least 1, got {_describe(t)}")
+    return t
+
+
+def logits2(name: str, t: object) -> torch.Tensor:
+    """Logits ``[B, C]`` with C >= 2."""
+    t = floating(name, t, ndim=2, shape=(None, None))
+    if t.shape[1] < 2:
+        raise ValueError(f"{name} needs C >= 2 classes in dim 1, got {_describe(t)}")
+    return t
+
+
+def class_labels(name: str, labels: object, batch: int, num_classes: int) -> torch.Tensor:
+    """Multiclass labels: int64 ``[B]`` in ``[0, C)``."""
+    t = tensor(name, labels, ndim=1, shape=(batch,))
+    if t.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64 class indices of shape [{batch}], got {t.dtype}")
+    in_range(name, t, 0, num_classes - 1, what="class indices")
+    return t
+
+
+def labels_any(name: str, labels: object, batch: int, num_classes: int) -> bool:
+    """Multiclass int64 ``[B]`` or multilabel floating ``[B, C]`` in {0, 1}; True if multilabel."""
+    if isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        t = floating(name, labels, shape=(batch, num_classes))
+        if value_checks_enabled() and t.numel() and not bool(((t == 0) | (t == 1)).all()):
+            raise ValueError(f"{name} (multilabel) must hold only 0 and 1")
+        return True
+    class_labels(name, labels, batch, num_classes)
+    return False
+
+
+def present_mask(name: str, present: object) -> torch.Tensor:
+    """Bool ``[B, M]`` with 2 <= M <= 8 and no all-false row."""
+    t = tensor(name, present, ndim=2, dtypes=(torch.bool,), shape=(None, None))
+    num_modalities(t.shape[1], f"{name}.shape[1] (M)")
+    if value_checks_enabled() and t.shape[0] and not bool(t.any(dim=1).all()):
+        row = int((~t.any(dim=1)).nonzero()[0, 0])
+        raise ValueError(f"{name} has a sample with no present modality (row {row})")
+    return t
+
+
+def comb_ids(name: str, comb: object, batch: int, num_modalities_: int | None) -> torch.Tensor:
+    """Combination ids: integer ``[B]`` in ``1 .. 2**M - 1`` (M = 8 when not known)."""
+    t = tensor(name, comb, ndim=1, dtypes=(torch.int64, torch.int32), shape=(batch,))
+    top = (1 << (num_modalities_ if num_modalities_ is not None else MAX_MODALITIES)) - 1
+    in_range(name, t, 1, top, what="combination ids")
+    return t
+
+
+def grad_lists(name0: str, g0: object, name1: str, g1: object) -> None:
+    """Two lists of tensors, pairwise the same shape, dtype and device."""
+    for name, g in ((name0, g0), (name1, g1)):
+        if not isinstance(g, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in g):
+            raise TypeError(f"{name} must be a list of tensors")
+        if len(g) == 0:
+            raise ValueError(f"{name} must hold at least one tensor")
+    if len(g0) != len(g1):  # type: ignore[arg-type]
+        raise ValueError(
+            f"{name0} and {name1} must have the same length, got {len(g0)} and {len(g1)}"
+        )  # type: ignore[arg-type]
+    device = g0[0].device  # type: ignore[index]
+    for i, (a, b) in enumerate(zip(g0, g1)):  # type: ignore[call-overload]
+        floating(f"{name0}[{i}]", a)
+        floating(f"{name1}[{i}]", b)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise ValueError(
+                f"{name0}[{i}] ({_describe(a)}) and {name1}[{i}] ({_describe(b)}) must match"
+            )
+        if a.device != device or b.device != device:
+            raise ValueError(f"{name0}[{i}]/{name1}[{i}] must be on {device}, like {name0}[0]")

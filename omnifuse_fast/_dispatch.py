@@ -1,0 +1,114 @@
+"""Backend registry and the one place that decides which backend runs an op.
+
+Every public op calls :func:`resolve` with the backend the user asked for and the device
+of its tensors. Backends register their implementations with :func:`register`, from the
+module that owns them (``omnifuse_fast.reference``, ``omnifuse_fast.ops`` for the compiled
+C++/CUDA custom ops, ``omnifuse_fast.triton``); callers never change when a backend is added.
+
+An implementation takes the op's arguments in the public order, already validated, without
+``backend``; it returns what the public function returns and supports autograd.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from collections.abc import Callable
+
+import torch
+
+BACKENDS: tuple[str, ...] = ("reference", "cpu", "triton", "cuda")
+"""Every backend name a public op accepts, besides ``"auto"``."""
+
+# "auto" tries these in order for a device type; "reference" always closes the list.
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+# Modules whose import registers a backend's implementations (imported lazily, once).
+_LOADERS: dict[str, str] = {
+    "reference": "omnifuse_fast.reference._register",
+    "cpu": "omnifuse_fast.ops._compiled",
+    "cuda": "omnifuse_fast.ops._compiled",
+    "triton": "omnifuse_fast.triton",
+}
+
+_impls: dict[tuple[str, str], Callable] = {}
+_availability: dict[str, Callable[[torch.device], str | None]] = {}
+_load_errors: dict[str, str] = {}
+_loaded: set[str] = set()
+_lock = threading.RLock()
+
+
+def register(op: str, backend: str, fn: Callable) -> None:
+    """Register ``fn`` as ``backend``'s implementation of ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    with _lock:
+        _impls[(op, backend)] = fn
+
+
+def set_availability(backend: str, check: Callable[[torch.device], str | None]) -> None:
+    """Register ``check(device)``: ``None`` when ``backend`` can run there, else the reason."""
+    with _lock:
+        _availability[backend] = check
+
+
+def _load(backend: str) -> None:
+    with _lock:
+        if backend in _loaded:
+            return
+        _loaded.add(backend)
+        try:
+            importlib.import_module(_LOADERS[backend])
+        except Exception as exc:  # a missing backend is reported, never fatal
+            _load_errors[backend] = f"{type(exc).__name__}: {exc}"
+
+
+def unavailable_reason(op: str, backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run ``op`` on ``device`` (``None`` when it can)."""
+    _load(backend)
+    if backend in _load_errors:
+        return f"it failed to load ({_load_errors[backend]})"
+    check = _availability.get(backend)
+    reason = check(device) if check is not None else None
+    if reason is not None:
+        return reason
+    if (op, backend) not in _impls:
+        return f"it has no implementation of {op!r}"
+    return None
+
+
+def resolve(op: str, backend: str, device: torch.device) -> Callable:
+    """Return the implementation of ``op`` that ``backend`` names for tensors on ``device``.
+
+    ``"auto"`` picks the first available backend of the device's order (falling back to
+    ``"reference"``); an explicit backend that cannot run raises ``RuntimeError`` saying why.
+    """
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("reference",)):
+            if unavailable_reason(op, name, device) is None:
+                return _impls[(op, name)]
+        raise RuntimeError(f"no backend can run {op!r} on {device}")  # reference always can
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    reason = unavailable_reason(op, backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} is not available for {op} on {device}: {reason}")
+    return _impls[(op, backend)]
+
+
+def available_backends(device: torch.device | str = "cpu", op: str = "dwfuse_loss") -> list[str]:
+    """The backends that can run ``op`` on ``device`` right now."""
+    device = torch.device(device)
+    return [b for b in BACKENDS if unavailable_reason(op, b, device) is None]
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run in the interpreter (CPU tensors, for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+set_availability("reference", lambda device: None)

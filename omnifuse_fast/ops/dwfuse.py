@@ -1,0 +1,59 @@
+"""``dwfuse_weights`` and ``dwfuse_loss``: DWFuse of SPEC section 2."""
+
+from __future__ import annotations
+
+import torch
+
+from omnifuse_fast import _checks, _dispatch
+
+
+def _validate(logits: torch.Tensor, labels: torch.Tensor, beta: float):
+    _checks.logits3("modality_logits", logits)
+    bsz, _, ncls = logits.shape
+    multilabel = _checks.labels_any("labels", labels, bsz, ncls)
+    _checks.real("beta", beta, lo=0.0)
+    device = _checks.same_device(modality_logits=logits, labels=labels)
+    _checks.finite("modality_logits", logits)
+    if multilabel:  # 0/1 are exact in every float dtype: let kernels read one dtype
+        labels = labels.to(logits.dtype)
+    return labels, float(beta), device
+
+
+def dwfuse_weights(
+    modality_logits: torch.Tensor,
+    labels: torch.Tensor,
+    beta: float = 0.5,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Eq. 10: ``omega_{b,m} = prod_{n != m} (1 - p_{b,n})^(beta/(M-1))``, computed in log space.
+
+    Args:
+        modality_logits: ``[B, M, C]`` per-modality logits.
+        labels: int64 ``[B]`` (multiclass) or float ``[B, C]`` of 0/1 (multilabel).
+        beta: down-weighting strength, >= 0.
+
+    Returns:
+        ``omega [B, M]`` (``[B, M, C]`` multilabel) in the logits' dtype.
+    """
+    labels, beta, device = _validate(modality_logits, labels, beta)
+    impl = _dispatch.resolve("dwfuse_weights", backend, device)
+    return impl(modality_logits, labels, beta)
+
+
+def dwfuse_loss(
+    modality_logits: torch.Tensor,
+    labels: torch.Tensor,
+    beta: float = 0.5,
+    detach_weight: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Eq. 12: ``L_enc = (1/B) sum_b sum_m omega_{b,m} CE(z_{b,m}, y_b)``.
+
+    Multilabel: binary cross-entropy per label, weighted per label, averaged over labels.
+    With ``detach_weight=True`` (default) omega is a stop-gradient coefficient.
+    """
+    labels, beta, device = _validate(modality_logits, labels, beta)
+    if not isinstance(detach_weight, bool):
+        raise TypeError(f"detach_weight must be a bool, got {type(detach_weight).__name__}")
+    impl = _dispatch.resolve("dwfuse_loss", backend, device)
+    return impl(modality_logits, labels, beta, detach_weight)

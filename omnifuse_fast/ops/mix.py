@@ -1,0 +1,66 @@
+"""``modality_mix`` and ``soft_cross_entropy``: MM learning of SPEC section 5."""
+
+from __future__ import annotations
+
+import torch
+
+from omnifuse_fast import _checks, _dispatch
+
+
+def modality_mix(
+    v: torch.Tensor,
+    labels: torch.Tensor,
+    src: torch.Tensor,
+    num_classes: int,
+    weights: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Modality-mixed samples with proportion labels.
+
+    Args:
+        v: embeddings ``[B, M, D]``.
+        labels: int64 ``[B]`` in ``[0, num_classes)``.
+        src: integer ``[M, B]``; mixed sample b takes modality m from sample ``src[m, b]``.
+        num_classes: C.
+        weights: modality proportions on the simplex, ``[M]`` or per sample ``[B, M]``;
+            uniform when None.
+
+    Returns:
+        ``(v_mix [B, M, D], soft_labels [B, C])`` in v's dtype. Gradients flow from v_mix
+        into v (a scatter-add: several mixed rows may read one source).
+    """
+    _checks.floating("v", v, ndim=3, shape=(None, None, None))
+    bsz, nmod, _ = v.shape
+    _checks.num_modalities(nmod, "v.shape[1] (M)")
+    _checks.positive_int("num_classes", num_classes, minimum=2)
+    _checks.class_labels("labels", labels, bsz, num_classes)
+    _checks.tensor("src", src, ndim=2, dtypes=(torch.int64, torch.int32), shape=(nmod, bsz))
+    _checks.in_range("src", src, 0, bsz - 1, what="source indices")
+    device = _checks.same_device(v=v, labels=labels, src=src, weights=weights)
+    if weights is not None:
+        if not isinstance(weights, torch.Tensor) or weights.dim() not in (1, 2):
+            raise ValueError("weights must be a tensor of shape [M] or [B, M]")
+        shape = (nmod,) if weights.dim() == 1 else (bsz, nmod)
+        _checks.floating("weights", weights, shape=shape)
+        if _checks.value_checks_enabled():
+            w = weights.float()
+            if bool((w < 0).any()) or not bool(
+                torch.allclose(w.sum(-1), torch.ones(()), atol=1e-3)
+            ):
+                raise ValueError("weights must be on the simplex: >= 0 and summing to 1 over M")
+        weights = weights.float().expand(bsz, nmod).contiguous()
+    impl = _dispatch.resolve("modality_mix", backend, device)
+    return impl(v, labels, src.long(), num_classes, weights)
+
+
+def soft_cross_entropy(
+    logits: torch.Tensor, soft_labels: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
+    """``mean_b( -sum_c q_{b,c} log_softmax(z_b)_c )`` for soft labels ``q [B, C]``."""
+    _checks.logits2("logits", logits)
+    _checks.floating("soft_labels", soft_labels, ndim=2, shape=tuple(logits.shape))
+    device = _checks.same_device(logits=logits, soft_labels=soft_labels)
+    _checks.same_dtype(logits=logits, soft_labels=soft_labels)
+    _checks.finite("logits", logits)
+    impl = _dispatch.resolve("soft_cross_entropy", backend, device)
+    return impl(logits, soft_labels)

@@ -1,0 +1,70 @@
+"""``combination_ids``, ``tla_stats`` and ``tla_loss``: TLA of SPEC section 3."""
+
+from __future__ import annotations
+
+import torch
+
+from omnifuse_fast import _checks, _dispatch
+
+
+def combination_ids(present: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``comb[b] = sum_m present[b, m] << m``: int64 ``[B]`` in ``1 .. 2**M - 1``."""
+    _checks.present_mask("present", present)
+    impl = _dispatch.resolve("combination_ids", backend, present.device)
+    return impl(present)
+
+
+def _logits_labels_comb(logits, labels, comb, num_modalities):
+    _checks.logits2("logits", logits)
+    bsz, ncls = logits.shape
+    _checks.class_labels("labels", labels, bsz, ncls)
+    _checks.comb_ids("comb", comb, bsz, num_modalities)
+    device = _checks.same_device(logits=logits, labels=labels, comb=comb)
+    _checks.finite("logits", logits)
+    return comb.long(), device
+
+
+def tla_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    comb: torch.Tensor,
+    num_modalities: int,
+    distance: str = "ce",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 15's per-combination reduction of one batch.
+
+    Args:
+        logits: joint logits ``[B, C]``.
+        labels: int64 ``[B]``.
+        comb: combination id of each sample ``[B]``, in ``1 .. 2**M - 1``.
+        num_modalities: M (2..8).
+        distance: ``"ce"``, ``"l1"`` or ``"l2"``.
+
+    Returns:
+        ``(sums float32 [2**M], counts int64 [2**M])``; index 0 is unused and always 0.
+        Not differentiable (a statistic for mining).
+    """
+    _checks.num_modalities(num_modalities)
+    comb, device = _logits_labels_comb(logits, labels, comb, num_modalities)
+    _checks.choice("distance", distance, _checks.DISTANCES)
+    impl = _dispatch.resolve("tla_stats", backend, device)
+    return impl(logits, labels, comb, num_modalities, distance)
+
+
+def tla_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    comb: torch.Tensor,
+    lazy: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Eq. 17: mean CE over the samples with ``comb == lazy``; a real 0 when there are none."""
+    if isinstance(lazy, torch.Tensor) and lazy.numel() == 1 and not lazy.is_floating_point():
+        lazy = int(lazy)
+    _checks.positive_int("lazy", lazy, minimum=1)
+    if lazy > (1 << _checks.MAX_MODALITIES) - 1:
+        raise ValueError(f"lazy must be a combination id in 1..255, got {lazy}")
+    comb, device = _logits_labels_comb(logits, labels, comb, None)
+    impl = _dispatch.resolve("tla_loss", backend, device)
+    return impl(logits, labels, comb, lazy)
