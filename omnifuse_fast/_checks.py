@@ -129,6 +129,15 @@ def finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be finite; it holds NaN or inf ({_describe(t)})")
 
 
+def finite_list(name: str, tensors: Sequence[torch.Tensor]) -> None:
+    """Value check: no NaN or inf in any tensor of the list (one host sync for all)."""
+    if value_checks_enabled() and tensors:
+        ok = torch.stack([torch.isfinite(t).all() for t in tensors])
+        if not bool(ok.all()):
+            i = int((~ok).nonzero()[0, 0])
+            raise ValueError(f"{name}[{i}] must be finite; it holds NaN or inf")
+
+
 def in_range(name: str, t: torch.Tensor, lo: int, hi: int, what: str = "values") -> None:
     """Value check: integer tensor with every element in [lo, hi]."""
     if value_checks_enabled() and t.numel():

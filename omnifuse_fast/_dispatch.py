@@ -39,6 +39,7 @@ _impls: dict[tuple[str, str], Callable] = {}
 _availability: dict[str, Callable[[torch.device], str | None]] = {}
 _load_errors: dict[str, str] = {}
 _loaded: set[str] = set()
+_ready: set[str] = set()  # loaded (or failed): checked without the lock, which dynamo can't trace
 _lock = threading.RLock()
 
 
@@ -57,6 +58,8 @@ def set_availability(backend: str, check: Callable[[torch.device], str | None]) 
 
 
 def _load(backend: str) -> None:
+    if backend in _ready:  # fast path, lock-free so that torch.compile traces resolve()
+        return
     with _lock:
         if backend in _loaded:
             return
@@ -65,6 +68,8 @@ def _load(backend: str) -> None:
             importlib.import_module(_LOADERS[backend])
         except Exception as exc:  # a missing backend is reported, never fatal
             _load_errors[backend] = f"{type(exc).__name__}: {exc}"
+        finally:
+            _ready.add(backend)
 
 
 def unavailable_reason(op: str, backend: str, device: torch.device) -> str | None:

@@ -10,9 +10,11 @@ from omnifuse_fast import _checks, _dispatch
 def _validate(logits: torch.Tensor, labels: torch.Tensor, beta: float):
     _checks.logits3("modality_logits", logits)
     bsz, _, ncls = logits.shape
+    _checks.tensor("labels", labels)
+    # the device check reads no data: before any value check reads labels
+    device = _checks.same_device(modality_logits=logits, labels=labels)
     multilabel = _checks.labels_any("labels", labels, bsz, ncls)
     _checks.real("beta", beta, lo=0.0)
-    device = _checks.same_device(modality_logits=logits, labels=labels)
     _checks.finite("modality_logits", logits)
     if multilabel:  # 0/1 are exact in every float dtype: let kernels read one dtype
         labels = labels.to(logits.dtype)

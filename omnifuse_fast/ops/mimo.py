@@ -20,6 +20,8 @@ def mimo_combine(
         ``(direction, lam)``: ``lam g0 + (1 - lam) gw`` per tensor, and ``lam`` (0-dim fp32).
     """
     _checks.grad_lists("g0", g0, "gw", gw)
+    _checks.finite_list("g0", g0)
+    _checks.finite_list("gw", gw)
     impl = _dispatch.resolve("mimo_combine", backend, g0[0].device)
     return impl(list(g0), list(gw))
 
@@ -35,5 +37,6 @@ def mgda_min_norm(
         raise TypeError("grads must be a non-empty list of gradient lists")
     for t, g in enumerate(grads):
         _checks.grad_lists("grads[0]", grads[0], f"grads[{t}]", g)
+        _checks.finite_list(f"grads[{t}]", g)
     impl = _dispatch.resolve("mgda_min_norm", backend, grads[0][0].device)
     return impl([list(g) for g in grads])

@@ -33,15 +33,19 @@ def modality_mix(
     bsz, nmod, _ = v.shape
     _checks.num_modalities(nmod, "v.shape[1] (M)")
     _checks.positive_int("num_classes", num_classes, minimum=2)
-    _checks.class_labels("labels", labels, bsz, num_classes)
+    _checks.tensor("labels", labels)
     _checks.tensor("src", src, ndim=2, dtypes=(torch.int64, torch.int32), shape=(nmod, bsz))
-    _checks.in_range("src", src, 0, bsz - 1, what="source indices")
-    device = _checks.same_device(v=v, labels=labels, src=src, weights=weights)
     if weights is not None:
-        if not isinstance(weights, torch.Tensor) or weights.dim() not in (1, 2):
-            raise ValueError("weights must be a tensor of shape [M] or [B, M]")
+        _checks.tensor("weights", weights)
+        if weights.dim() not in (1, 2):
+            raise ValueError(f"weights must have shape [M] or [B, M], got {tuple(weights.shape)}")
         shape = (nmod,) if weights.dim() == 1 else (bsz, nmod)
         _checks.floating("weights", weights, shape=shape)
+    # metadata checks first: no value check reads a tensor that sits on another device
+    device = _checks.same_device(v=v, labels=labels, src=src, weights=weights)
+    _checks.class_labels("labels", labels, bsz, num_classes)
+    _checks.in_range("src", src, 0, bsz - 1, what="source indices")
+    if weights is not None:
         if _checks.value_checks_enabled():
             w = weights.float()
             if bool((w < 0).any()) or not bool(
@@ -62,5 +66,6 @@ def soft_cross_entropy(
     device = _checks.same_device(logits=logits, soft_labels=soft_labels)
     _checks.same_dtype(logits=logits, soft_labels=soft_labels)
     _checks.finite("logits", logits)
+    _checks.finite("soft_labels", soft_labels)
     impl = _dispatch.resolve("soft_cross_entropy", backend, device)
     return impl(logits, soft_labels)

@@ -17,9 +17,12 @@ def combination_ids(present: torch.Tensor, backend: str = "auto") -> torch.Tenso
 def _logits_labels_comb(logits, labels, comb, num_modalities):
     _checks.logits2("logits", logits)
     bsz, ncls = logits.shape
+    _checks.tensor("labels", labels)
+    _checks.tensor("comb", comb)
+    # the device check reads no data: before any value check reads labels or comb
+    device = _checks.same_device(logits=logits, labels=labels, comb=comb)
     _checks.class_labels("labels", labels, bsz, ncls)
     _checks.comb_ids("comb", comb, bsz, num_modalities)
-    device = _checks.same_device(logits=logits, labels=labels, comb=comb)
     _checks.finite("logits", logits)
     return comb.long(), device
 

@@ -11,14 +11,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from omnifuse_fast.reference._common import upcast
+
 
 def _log_complement_and_ce(
     logits: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log(1 - p)`` and the per-element CE, both fp32: [B, M] multiclass, [B, M, C] multilabel."""
-    z = logits.float()
+    """``log(1 - p)`` and the per-element CE (fp32, or fp64 for fp64 logits).
+
+    Shapes: [B, M] multiclass, [B, M, C] multilabel.
+    """
+    z = upcast(logits)
     if labels.dim() == 2:  # multilabel, labels [B, C] in {0, 1}
-        y = labels.float().unsqueeze(1)  # [B, 1, C]
+        y = labels.to(z.dtype).unsqueeze(1)  # [B, 1, C]
         log_comp = F.logsigmoid(
             z * (1.0 - 2.0 * y)
         )  # wrong value: sigma(z) if y=0, sigma(-z) if y=1

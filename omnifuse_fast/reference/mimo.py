@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from omnifuse_fast.reference._common import acc_dtype, upcast
+
 
 def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     """``sum_i <a_i, b_i>`` as a 0-dim fp64 tensor."""
@@ -25,7 +27,10 @@ def mimo_combine(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``d = lam g_0 + (1 - lam) g_w`` per tensor, and ``lam`` (0-dim fp32)."""
     lam = min_norm_lambda(dot(g0, g0), dot(g0, gw), dot(gw, gw))
-    direction = [(lam * a.float() + (1.0 - lam) * b.float()).to(a.dtype) for a, b in zip(g0, gw)]
+    direction = []
+    for a, b in zip(g0, gw):
+        lam_acc = lam.to(acc_dtype(a.dtype))  # 1 - lam in the accumulation dtype too
+        direction.append((lam_acc * upcast(a) + (1.0 - lam_acc) * upcast(b)).to(a.dtype))
     return direction, lam
 
 
@@ -39,12 +44,35 @@ def gram_matrix(grads: list[list[torch.Tensor]]) -> torch.Tensor:
     return g
 
 
+def best_pair_start(gram: torch.Tensor) -> torch.Tensor:
+    """The min-norm point over the best pair of vertices (closed form), as weights ``[T]``.
+
+    Sener & Koltun start Frank-Wolfe here: exact for T = 2, and when two gradients conflict
+    head-on (a Pareto-stationary pair) it is already the answer, which plain Frank-Wolfe from
+    the uniform point only approaches like 1/iterations.
+    """
+    t = gram.shape[0]
+    g = gram.tolist()
+    best, pick = g[0][0], (0, 0, 1.0)
+    for i in range(t):
+        for j in range(i + 1, t):
+            den = g[i][i] - 2.0 * g[i][j] + g[j][j]
+            lam = min(max((g[j][j] - g[i][j]) / den, 0.0), 1.0) if den > 0 else 0.5
+            norm = lam * lam * g[i][i] + 2 * lam * (1 - lam) * g[i][j] + (1 - lam) ** 2 * g[j][j]
+            if norm < best:
+                best, pick = norm, (i, j, lam)
+    w = torch.zeros(t, dtype=torch.float64, device=gram.device)
+    i, j, lam = pick
+    w[j] += 1.0 - lam
+    w[i] += lam
+    return w
+
+
 def frank_wolfe_min_norm(
     gram: torch.Tensor, max_iter: int = 250, tol: float = 1e-6
 ) -> torch.Tensor:
     """Min-norm point of the convex hull by Frank-Wolfe on the Gram (Sener & Koltun, 2018)."""
-    t = gram.shape[0]
-    w = torch.full((t,), 1.0 / t, dtype=torch.float64, device=gram.device)
+    w = best_pair_start(gram)
     for _ in range(max_iter):
         gw = gram @ w
         i = int(torch.argmin(gw))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from omnifuse_fast.reference._common import acc_dtype, upcast
+
 
 def combination_ids(present: torch.Tensor) -> torch.Tensor:
     """``comb[b] = sum_m present[b, m] << m`` as int64 ``[B]``."""
@@ -15,12 +17,12 @@ def combination_ids(present: torch.Tensor) -> torch.Tensor:
 def sample_distance(
     logits: torch.Tensor, labels: torch.Tensor, distance: str = "ce"
 ) -> torch.Tensor:
-    """``d_b = D(softmax(logits_b), y_b)`` in fp32, ``[B]``."""
-    z = logits.float()
+    """``d_b = D(softmax(logits_b), y_b)`` in fp32 (fp64 for fp64 logits), ``[B]``."""
+    z = upcast(logits)
     if distance == "ce":
         return F.cross_entropy(z, labels, reduction="none")
     prob = torch.softmax(z, dim=1)
-    diff = prob - F.one_hot(labels, z.shape[1]).float()
+    diff = prob - F.one_hot(labels, z.shape[1]).to(z.dtype)
     if distance == "l1":
         return diff.abs().sum(dim=1)
     return diff.square().sum(dim=1)  # "l2": squared Euclidean
@@ -37,7 +39,7 @@ def tla_stats(
     bins = 1 << num_modalities
     d = sample_distance(logits.detach(), labels, distance)
     sums = torch.zeros(bins, dtype=torch.float32, device=logits.device).index_add_(
-        0, comb.long(), d
+        0, comb.long(), d.float()
     )
     counts = torch.bincount(comb.long(), minlength=bins)[:bins].to(torch.int64)
     return sums, counts
@@ -47,7 +49,7 @@ def tla_loss(
     logits: torch.Tensor, labels: torch.Tensor, comb: torch.Tensor, lazy: int
 ) -> torch.Tensor:
     """Eq. 17: CE over the samples of combination ``lazy``; a real 0 when there are none."""
-    mask = (comb == lazy).float()
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    mask = (comb == lazy).to(acc_dtype(logits.dtype))
+    ce = F.cross_entropy(upcast(logits), labels, reduction="none")
     # sum/count rather than boolean indexing: no data-dependent shape, and 0 (not NaN) when empty
     return ((ce * mask).sum() / mask.sum().clamp_min(1.0)).to(logits.dtype)

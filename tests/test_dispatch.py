@@ -1,0 +1,251 @@
+"""The dispatcher: "auto" choice, reasons for unavailable backends, errors, thread safety."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+
+import omnifuse_fast as of
+from omnifuse_fast import _dispatch, reference
+
+CPU = torch.device("cpu")
+OPS = (
+    "combination_ids",
+    "cra_forward",
+    "dwfuse_loss",
+    "dwfuse_weights",
+    "mgda_min_norm",
+    "mimo_combine",
+    "modality_mix",
+    "soft_cross_entropy",
+    "tla_loss",
+    "tla_stats",
+)
+
+
+@pytest.fixture
+def isolated(monkeypatch):
+    """Every backend loaded once, then the registry's tables swapped for copies we may edit."""
+    for b in _dispatch.BACKENDS:
+        _dispatch.unavailable_reason("dwfuse_loss", b, CPU)
+    monkeypatch.setattr(_dispatch, "_impls", dict(_dispatch._impls))
+    monkeypatch.setattr(_dispatch, "_availability", dict(_dispatch._availability))
+    monkeypatch.setattr(_dispatch, "_load_errors", dict(_dispatch._load_errors))
+    return monkeypatch
+
+
+def _off(reason):
+    return lambda device: reason
+
+
+def test_reference_registered_for_every_op():
+    for op in OPS:
+        assert _dispatch.resolve(op, "reference", CPU) is getattr(reference, op)
+
+
+def test_auto_falls_back_to_reference_when_nothing_else(isolated):
+    for b in ("cpu", "triton", "cuda"):
+        _dispatch.set_availability(b, _off(f"{b} switched off for the test"))
+    for device in ("cpu", "cuda", "meta"):
+        for op in OPS:
+            assert _dispatch.resolve(op, "auto", torch.device(device)) is getattr(reference, op)
+    assert of.available_backends("cpu") == ["reference"]
+
+
+def test_auto_prefers_an_available_fast_backend(isolated):
+    def fake(*args):
+        return "fake"
+
+    _dispatch.set_availability("cpu", lambda device: None)
+    _dispatch.register("dwfuse_loss", "cpu", fake)
+    assert _dispatch.resolve("dwfuse_loss", "auto", CPU) is fake
+    # an op the fast backend does not implement still falls back to the reference
+    isolated.delitem(_dispatch._impls, ("tla_loss", "cpu"), raising=False)
+    assert _dispatch.resolve("tla_loss", "auto", CPU) is reference.tla_loss
+
+    # CUDA tensors: cuda before triton, both before reference
+    def fake_cuda(*args):
+        return "cuda"
+
+    def fake_triton(*args):
+        return "triton"
+
+    _dispatch.set_availability("cuda", lambda device: None)
+    _dispatch.set_availability("triton", lambda device: None)
+    _dispatch.register("dwfuse_loss", "cuda", fake_cuda)
+    _dispatch.register("dwfuse_loss", "triton", fake_triton)
+    cuda = torch.device("cuda")
+    assert _dispatch.resolve("dwfuse_loss", "auto", cuda) is fake_cuda
+    isolated.delitem(_dispatch._impls, ("dwfuse_loss", "cuda"))
+    assert _dispatch.resolve("dwfuse_loss", "auto", cuda) is fake_triton
+    isolated.delitem(_dispatch._impls, ("dwfuse_loss", "triton"))
+    assert _dispatch.resolve("dwfuse_loss", "auto", cuda) is reference.dwfuse_loss
+
+
+def test_public_op_with_auto_runs_reference_when_nothing_else(isolated):
+    for b in ("cpu", "triton", "cuda"):
+        _dispatch.set_availability(b, _off("off"))
+    z = torch.randn(3, 2, 4)
+    y = torch.tensor([0, 3, 1])
+    assert torch.equal(of.dwfuse_loss(z, y), reference.dwfuse_loss(z, y))
+
+
+def test_explicit_unavailable_backend_names_it_and_why(isolated):
+    _dispatch.set_availability("cpu", _off("the test switched it off"))
+    with pytest.raises(RuntimeError, match=r"'cpu' is not available .*the test switched it off"):
+        of.dwfuse_weights(torch.randn(2, 2, 3), torch.tensor([0, 1]), backend="cpu")
+
+
+def test_real_unavailable_backends_raise_with_reason(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    z, y = torch.randn(2, 3), torch.tensor([0, 2])
+    for b in ("cuda", "triton"):  # no CUDA tensors here, so neither can run
+        reason = _dispatch.unavailable_reason("tla_loss", b, CPU)
+        assert reason, f"{b} should not run on CPU tensors"
+        with pytest.raises(RuntimeError) as info:
+            of.tla_loss(z, y, torch.tensor([1, 1]), 1, backend=b)
+        assert f"'{b}'" in str(info.value) and reason in str(info.value)
+
+
+def test_cpu_backend_reason_when_missing():
+    reason = _dispatch.unavailable_reason("soft_cross_entropy", "cpu", CPU)
+    if reason is None:
+        pytest.skip("the C++ CPU kernels are built here")
+    assert "extension" in reason or "implementation" in reason
+    with pytest.raises(RuntimeError, match="'cpu'"):
+        of.soft_cross_entropy(torch.randn(2, 3), torch.rand(2, 3), backend="cpu")
+
+
+def test_failed_loader_is_reported_not_fatal(isolated):
+    isolated.setitem(_dispatch._LOADERS, "triton", "omnifuse_fast._no_such_module_for_test")
+    isolated.setattr(_dispatch, "_loaded", _dispatch._loaded - {"triton"})
+    if hasattr(_dispatch, "_ready"):
+        isolated.setattr(_dispatch, "_ready", _dispatch._ready - {"triton"})
+    _dispatch._load_errors.pop("triton", None)
+    reason = _dispatch.unavailable_reason("dwfuse_loss", "triton", torch.device("cuda"))
+    assert "failed to load" in reason and "ModuleNotFoundError" in reason
+    with pytest.raises(RuntimeError, match="'triton'.*failed to load"):
+        _dispatch.resolve("dwfuse_loss", "triton", torch.device("cuda"))
+    # auto still works: it skips the broken backend
+    for b in ("cuda", "cpu"):
+        _dispatch.set_availability(b, _off("off"))
+    assert _dispatch.resolve("dwfuse_loss", "auto", torch.device("cuda")) is reference.dwfuse_loss
+
+
+def test_backend_without_the_op_is_explained(isolated):
+    _dispatch.set_availability("cpu", lambda device: None)
+    isolated.delitem(_dispatch._impls, ("mgda_min_norm", "cpu"), raising=False)
+    with pytest.raises(RuntimeError, match="no implementation of 'mgda_min_norm'"):
+        _dispatch.resolve("mgda_min_norm", "cpu", CPU)
+
+
+@pytest.mark.parametrize("name", ["gpu", "Reference", "", "auto ", None, 3])
+def test_unknown_backend_is_value_error(name):
+    with pytest.raises(ValueError, match="backend"):
+        _dispatch.resolve("dwfuse_loss", name, CPU)
+    with pytest.raises(ValueError, match="backend"):
+        of.soft_cross_entropy(torch.randn(2, 3), torch.rand(2, 3), backend=name)
+
+
+def test_register_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        _dispatch.register("dwfuse_loss", "opencl", lambda *a: None)
+
+
+def test_available_backends_lists_reference_first_class():
+    names = of.available_backends("cpu")
+    assert "reference" in names and set(names) <= set(_dispatch.BACKENDS)
+    assert of.BACKENDS == ("reference", "cpu", "triton", "cuda")
+
+
+def _workload(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(8, 3, 5, generator=g)
+    y = torch.randint(0, 5, (8,), generator=g)
+    comb = torch.randint(1, 8, (8,), generator=g)
+    src = torch.randint(0, 8, (3, 8), generator=g)
+    return z, y, comb, src
+
+
+def _run(z, y, comb, src, backend):
+    return [
+        of.dwfuse_loss(z, y, backend=backend),
+        of.dwfuse_weights(z, y, backend=backend),
+        of.tla_stats(z[:, 0], y, comb, 3, backend=backend)[0],
+        of.tla_loss(z[:, 1], y, comb, 3, backend=backend),
+        of.modality_mix(z, y, src, 5, backend=backend)[1],
+        of.soft_cross_entropy(z[:, 2], torch.softmax(z[:, 0], 1), backend=backend),
+        of.mimo_combine([z[0]], [z[1]], backend=backend)[0][0],
+    ]
+
+
+def test_threads_calling_ops_concurrently():
+    cases = [_workload(s) for s in range(4)]
+    want = [_run(*c, "reference") for c in cases]
+    errors, barrier = [], threading.Barrier(8)
+
+    def worker(tid):
+        try:
+            barrier.wait()
+            for it in range(15):
+                i = (tid + it) % len(cases)
+                got = _run(*cases[i], "auto" if it % 2 else "reference")
+                for a, b in zip(got, want[i]):
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        except Exception as exc:  # collected: pytest only sees the main thread's failures
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+
+
+def test_threads_racing_the_first_lazy_load():
+    """A fresh interpreter where 8 threads hit every op's first dispatch at the same moment."""
+    code = textwrap.dedent(
+        """
+        import threading, torch, omnifuse_fast as of
+        from omnifuse_fast import _dispatch
+        assert not _dispatch._loaded, _dispatch._loaded  # nothing loaded before the race
+        barrier, errors, results = threading.Barrier(8), [], {}
+        z = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(0))
+        y = torch.tensor([0, 1, 2, 3, 0, 1])
+        def work(t):
+            try:
+                barrier.wait()
+                backend = "auto" if t % 2 else "reference"
+                results[t] = (
+                    of.dwfuse_loss(z, y, backend=backend).item(),
+                    of.tla_loss(z[:, 0], y, torch.tensor([1, 3, 3, 2, 1, 3]), 3,
+                                backend=backend).item(),
+                    of.combination_ids(z[:, :, 0] > 0, backend=backend).tolist()
+                    if bool((z[:, :, 0] > 0).any(1).all()) else None,
+                )
+            except Exception as exc:
+                errors.append(repr(exc))
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert not errors, errors
+        assert len(results) == 8
+        # threads on one backend agree exactly; "auto" (maybe a fast path) agrees closely
+        for t in range(2, 8):
+            assert results[t] == results[t % 2], (t, results)
+        (a0, a1, a2), (r0, r1, r2) = results[1], results[0]
+        assert abs(a0 - r0) < 1e-5 * abs(r0) and abs(a1 - r1) < 1e-5 * abs(r1) and a2 == r2
+        print("ok", sorted(_dispatch._loaded))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("ok") and "reference" in proc.stdout
