@@ -8,6 +8,17 @@ The semantics are those of SPEC.md; every op takes ``backend=`` ("auto" by defau
 from omnifuse_fast import _ext  # noqa: F401  (loads the compiled ops, or warns once)
 from omnifuse_fast._checks import set_value_checks, value_checks_enabled
 from omnifuse_fast._dispatch import BACKENDS, available_backends
+from omnifuse_fast.nn import (
+    CascadeResidualAutoencoder,
+    DWFuseLoss,
+    FrozenTextEncoder,
+    MIMOBalancer,
+    MLPEncoder,
+    ModalityMixer,
+    OmniFuse,
+    OmniFuseImputer,
+    TLAMiner,
+)
 from omnifuse_fast.ops import (
     combination_ids,
     cra_forward,
@@ -25,6 +36,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "CascadeResidualAutoencoder",
+    "DWFuseLoss",
+    "FrozenTextEncoder",
+    "MIMOBalancer",
+    "MLPEncoder",
+    "ModalityMixer",
+    "OmniFuse",
+    "OmniFuseImputer",
+    "TLAMiner",
     "available_backends",
     "combination_ids",
     "cra_forward",

@@ -1,0 +1,290 @@
+"""``omnifuse-fast``: the command line (also ``python -m omnifuse_fast``).
+
+``omnifuse-fast train`` trains on the built-in UCI multiple-features data made low-quality
+(missing views, noise), prints progress on stderr and, as the LAST line of stdout, one JSON
+object with the test metrics; it writes ``checkpoint.pt``, ``metrics.json`` and
+``training_curve.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from omnifuse_fast._dispatch import BACKENDS
+from omnifuse_fast.train.config import METHODS
+
+PROG = "omnifuse-fast"
+# Flags that --resume takes from the checkpoint instead (dest names).
+_RUN_SETTINGS = (
+    "missing_rate",
+    "noise_views",
+    "noise_std",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "seed",
+    "method",
+    "no_dwfuse",
+    "no_tla",
+    "no_imp_forward",
+    "no_imp_backward",
+    "tla_mode",
+    "dim",
+    "num_blocks",
+    "drop_rate",
+    "mm_stage1_epochs",
+    "mimo_mode",
+    "backend",
+    "device",
+)
+
+
+def _number(kind: type, lo: float | None = None, hi: float | None = None, hi_open=False):
+    """An argparse type: a finite int/float within [lo, hi] (or [lo, hi))."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        too_high = hi is not None and (value >= hi if hi_open else value > hi)
+        if (lo is not None and value < lo) or too_high:
+            if hi is None:
+                raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
+            close = ")" if hi_open else "]"
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}{close}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _views(text: str) -> tuple[str | int, ...]:
+    """Comma-separated view names or indices, e.g. ``fou,pix`` or ``0,3``."""
+    from omnifuse_fast.data.mfeat import VIEW_NAMES, resolve_views
+
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    parsed = tuple(int(t) if t.isdigit() else t for t in items)
+    try:
+        idx = resolve_views(parsed, VIEW_NAMES, arg="--noise-views")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--noise-views: ")) from None
+    return tuple(VIEW_NAMES[i] for i in idx)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="OmniFuse, MM learning and MIMO on low-quality multi-view data.",
+        usage=f"{PROG} COMMAND [options]",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = sub.add_parser(
+        "train",
+        help="train OmniFuse (or a baseline) on the built-in multi-view data",
+        prog=f"{PROG} train",
+        usage=f"{PROG} train [options]  (see --help)",
+        description="Train on the built-in UCI multiple-features data (6 views, 10 classes). "
+        "With --resume, the run's settings come from its checkpoint; only --epochs "
+        "(the new end), --quiet and --threads may be given.",
+    )
+    d = t.add_argument_group("data")
+    d.add_argument(
+        "--missing-rate",
+        type=_number(float, 0.0, 1.0, hi_open=True),
+        default=None,
+        help="probability that a view of a sample is missing, in [0, 1) (default 0.5)",
+    )
+    d.add_argument(
+        "--noise-views",
+        type=_views,
+        default=None,
+        help="comma-separated views (names fou,fac,kar,pix,zer,mor or indices) "
+        "to corrupt with Gaussian noise",
+    )
+    d.add_argument(
+        "--noise-std",
+        type=_number(float, 0.0),
+        default=None,
+        help="noise standard deviation in standardized units (default 0)",
+    )
+    o = t.add_argument_group("optimization")
+    o.add_argument("--epochs", type=_number(int, 1), default=None, help="epochs (default 40)")
+    o.add_argument("--batch-size", type=_number(int, 1), default=None, help="default 64")
+    o.add_argument(
+        "--lr", type=_number(float, 0.0), default=None, help="AdamW learning rate (default 1e-3)"
+    )
+    o.add_argument("--weight-decay", type=_number(float, 0.0), default=None)
+    o.add_argument("--seed", type=_number(int, 0), default=None, help="seed of data and model")
+    m = t.add_argument_group("method")
+    m.add_argument(
+        "--method",
+        choices=METHODS,
+        default=None,
+        help="omnifuse (default), concat (baseline), mm (MM learning), mimo (MIMO)",
+    )
+    m.add_argument("--no-dwfuse", action="store_true", help="omnifuse without DWFuse")
+    m.add_argument("--no-tla", action="store_true", help="omnifuse without TLA")
+    m.add_argument("--no-imp-forward", action="store_true", help="omnifuse without IMP-forward")
+    m.add_argument("--no-imp-backward", action="store_true", help="omnifuse without IMP-backward")
+    m.add_argument("--tla-mode", choices=("observed", "subsets"), default=None)
+    m.add_argument("--dim", type=_number(int, 1), default=None, help="embedding width D")
+    m.add_argument("--num-blocks", type=_number(int, 1), default=None, help="RAs per cascade K")
+    m.add_argument(
+        "--drop-rate",
+        type=_number(float, 0.0, 1.0, hi_open=True),
+        default=None,
+        help="imputer's supervision drop rate in training",
+    )
+    m.add_argument(
+        "--mm-stage1-epochs",
+        type=_number(int, 0),
+        default=None,
+        help="mm: standard epochs before MM learning (default: half)",
+    )
+    m.add_argument(
+        "--mimo-mode",
+        choices=("mimo", "mgda"),
+        default=None,
+        help="mimo: two-objective closed form, or the (M+1)-objective MGDA baseline",
+    )
+    r = t.add_argument_group("run")
+    r.add_argument("--out", type=Path, default=None, help="output directory (default runs/METHOD)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out")
+    r.add_argument(
+        "--backend",
+        choices=("auto", *BACKENDS),
+        default=None,
+        help="backend of the ops (default auto: the fastest available)",
+    )
+    r.add_argument("--device", default=None, help="torch device (default cpu)")
+    r.add_argument(
+        "--threads",
+        type=_number(int, 1),
+        default=1,
+        help="torch CPU threads (default 1: the ops are small, more threads only "
+        "add synchronization)",
+    )
+    r.add_argument("--quiet", action="store_true", help="no progress output")
+    t.set_defaults(handler=_train, subparser=t)
+    return parser
+
+
+def _config_values(args: argparse.Namespace) -> dict:
+    method = args.method or "omnifuse"
+    ablations = [
+        f for f in ("no_dwfuse", "no_tla", "no_imp_forward", "no_imp_backward") if getattr(args, f)
+    ]
+    if method != "omnifuse" and ablations:
+        flag = "--" + ablations[0].replace("_", "-")
+        raise ValueError(f"{flag} only applies to --method omnifuse")
+    values = {
+        "method": method,
+        "use_dwfuse": not args.no_dwfuse,
+        "use_tla": not args.no_tla,
+        "use_imp_forward": not args.no_imp_forward,
+        "use_imp_backward": not args.no_imp_backward,
+    }
+    for name in (
+        "missing_rate",
+        "noise_std",
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "seed",
+        "tla_mode",
+        "dim",
+        "num_blocks",
+        "drop_rate",
+        "mm_stage1_epochs",
+        "mimo_mode",
+        "backend",
+        "device",
+    ):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.noise_views is not None:
+        values["noise_views"] = args.noise_views
+    return values
+
+
+def _check_backend(backend: str, device: str, parser: argparse.ArgumentParser) -> None:
+    """Refuse an unusable --device or --backend up front, in one line."""
+    import torch
+
+    from omnifuse_fast import _dispatch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        parser.error(f"--device {device!r}: {exc}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: CUDA is not available here")
+    if backend != "auto":
+        reason = _dispatch.unavailable_reason("cra_forward", backend, dev)
+        if reason is not None:
+            parser.error(f"--backend {backend} cannot run on {dev}: {reason}")
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import time
+
+    import torch
+
+    from omnifuse_fast.train import CheckpointError, TrainConfig, Trainer
+
+    started = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    progress = not args.quiet
+    if args.resume:
+        given = [n for n in _RUN_SETTINGS if getattr(args, n) not in (None, False)]
+        if given:
+            parser.error(
+                f"--{given[0].replace('_', '-')} cannot be given with --resume "
+                "(the run's settings come from its checkpoint)"
+            )
+        if args.out is None:
+            parser.error("--resume needs --out DIR (the run to continue)")
+        try:
+            trainer = Trainer.resume(args.out, args.epochs, progress=progress, log=log)
+        except CheckpointError as exc:
+            print(f"{PROG} train: error: {exc}", file=sys.stderr)
+            return 1
+        if trainer.epoch >= trainer.config.epochs and log is not None:
+            log(f"the run in {args.out} already has {trainer.epoch} epochs; testing it")
+    else:
+        try:
+            config = TrainConfig(**_config_values(args))
+        except ValueError as exc:
+            parser.error(str(exc))
+        _check_backend(config.backend, config.device, parser)
+        out = args.out if args.out is not None else Path("runs") / config.method
+        trainer = Trainer(config, out, progress=progress, log=log)
+    result = trainer.fit()
+    result["wall_seconds"] = round(time.perf_counter() - started, 3)  # data + training + test
+    result["out"] = str(trainer.out_dir)
+    if log is not None:
+        log(f"wrote {trainer.out_dir / 'metrics.json'} and the training curve")
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``omnifuse-fast`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.handler(args, args.subparser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""``omnifuse-fast train``: the JSON last line, the files, resume, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from omnifuse_fast.cli import main
+
+KEYS = {
+    "test_accuracy",
+    "test_auroc",
+    "val_accuracy",
+    "val_auroc",
+    "epochs",
+    "method",
+    "missing_rate",
+    "seconds",
+    "backend",
+}
+QUICK = ["--dim", "8", "--num-blocks", "2", "--quiet", "--backend", "reference"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()  # the CLI sets its own thread count
+    yield
+    torch.set_num_threads(threads)
+
+
+def _last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_train_one_epoch_then_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--out", str(out), *QUICK]) == 0
+    result = _last_json(capsys.readouterr().out)
+    assert KEYS <= set(result) and result["epochs"] == 1 and result["method"] == "omnifuse"
+    assert result["missing_rate"] == 0.5 and result["backend"] == "reference"
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and 0.5 < result["test_auroc"] <= 1.0
+    assert {"checkpoint.pt", "metrics.json", "training_curve.png"} <= set(os.listdir(out))
+    assert json.loads((out / "metrics.json").read_text())["test_auroc"] == result["test_auroc"]
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "2", "--quiet"]) == 0
+    resumed = _last_json(capsys.readouterr().out)
+    assert resumed["epochs"] == 2 and resumed["backend"] == "reference"
+
+
+def test_module_entry_point_concat(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "omnifuse_fast",
+            "train",
+            "--method",
+            "concat",
+            "--epochs",
+            "1",
+            "--missing-rate",
+            "0.3",
+            "--noise-views",
+            "fou,2",
+            "--noise-std",
+            "0.5",
+            "--out",
+            str(tmp_path),
+            "--dim",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = _last_json(proc.stdout)
+    assert result["method"] == "concat" and result["missing_rate"] == 0.3
+    assert "epoch 1/1" in proc.stderr  # progress goes to stderr, not into the JSON line
+    config = json.loads((tmp_path / "metrics.json").read_text())["config"]
+    assert config["noise_views"] == ["fou", "kar"] and config["noise_std"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["train", "--missing-rate", "1.5"], "--missing-rate"),
+        (["train", "--missing-rate", "nan"], "--missing-rate"),
+        (["train", "--method", "late"], "--method"),
+        (["train", "--epochs", "0"], "--epochs"),
+        (["train", "--epochs", "two"], "--epochs"),
+        (["train", "--noise-views", "fou,xyz"], "xyz"),
+        (["train", "--method", "concat", "--no-tla"], "--no-tla"),
+        (["train", "--resume", "--lr", "0.1", "--out", "somewhere"], "--lr"),
+        (["train", "--resume"], "--out"),
+        (["train", "--backend", "gpu"], "--backend"),
+        ([], "COMMAND"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_error_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "error:" in err[-1] and needle in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_resume_from_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path, capsys):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert main(["train", "--resume", "--out", str(tmp_path), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error:" in err[0] and str(tmp_path / "checkpoint.pt") in err[0]

@@ -1,0 +1,210 @@
+"""Trainer: every method runs, checkpoints are atomic, resume is bit-exact, errors name files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from omnifuse_fast.data import MultiViewSplit
+from omnifuse_fast.train import (
+    CheckpointError,
+    TrainConfig,
+    Trainer,
+    load_checkpoint,
+    macro_auroc,
+    save_checkpoint,
+    select_strong,
+)
+from omnifuse_fast.train import checkpoint as ckpt_mod
+
+DIMS = [6, 5, 4]
+SMALL = dict(dim=4, hidden=8, num_blocks=2, encoder_hidden=8, head_hidden=8, batch_size=16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small ops run fastest (and identically) on one thread; restore afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic_splits(seed: int = 0, sizes=(64, 32, 32), num_classes: int = 3) -> dict:
+    """Three views whose means depend on the class, 30% of views missing (zero-filled)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = [torch.randn(num_classes, d, generator=g) * 2 for d in DIMS]
+    out, start = {}, 0
+    for name, n in zip(("train", "val", "test"), sizes):
+        y = torch.arange(n) % num_classes
+        obs = torch.rand(n, len(DIMS), generator=g) >= 0.3
+        obs[~obs.any(1), 0] = True
+        views = [
+            (c[y] + torch.randn(n, c.shape[1], generator=g)) * obs[:, i : i + 1]
+            for i, c in enumerate(centers)
+        ]
+        out[name] = MultiViewSplit(
+            views=views,
+            labels=y,
+            observed=obs,
+            indices=torch.arange(start, start + n),
+            view_names=["a", "b", "c"],
+            view_dims=list(DIMS),
+            num_classes=num_classes,
+        )
+        start += n
+    return out
+
+
+def _config(**kw) -> TrainConfig:
+    args = dict(SMALL, epochs=3, lr=1e-2, backend="reference")
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+@pytest.mark.parametrize("method", ["omnifuse", "concat", "mm", "mimo"])
+def test_every_method_trains_and_writes_outputs(tmp_path, method):
+    extra = {"mm_stage1_epochs": 1} if method == "mm" else {}
+    trainer = Trainer(_config(method=method, **extra), tmp_path, synthetic_splits())
+    result = trainer.fit()
+    assert result["epochs"] == 3 and result["method"] == method
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and 0.0 <= result["test_auroc"] <= 1.0
+    assert result["test_auroc"] > 0.6  # the classes are separable: it learned something
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(metrics["history"]) == 3 and metrics["config"]["method"] == method
+    assert (tmp_path / "training_curve.png").stat().st_size > 1000
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 3
+    if method == "mm":
+        assert trainer.pool is not None and len(trainer.pool) >= 2
+        assert "mix" in trainer.history[-1]["terms"]
+    if method == "mimo":
+        assert result["mimo_subroutine_seconds"] > 0
+    if method == "omnifuse":
+        assert trainer.model.miner.lazy is not None and int(trainer.model.miner.epoch) == 3
+
+
+def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "method,extra,k,n",
+    [
+        ("omnifuse", {}, 2, 4),
+        ("omnifuse", {"tla_mode": "subsets"}, 1, 2),
+        ("mm", {"mm_stage1_epochs": 1}, 2, 3),  # stops after the pool is drawn and mixed
+        ("mm", {"mm_stage1_epochs": 2}, 1, 3),  # the pool is drawn after the resume
+        ("mimo", {}, 1, 2),
+    ],
+)
+def test_resume_is_bit_exact(tmp_path, method, extra, k, n):
+    data = synthetic_splits()
+    straight = Trainer(_config(method=method, epochs=n, **extra), tmp_path / "a", data)
+    straight.fit()
+    first = Trainer(_config(method=method, epochs=k, **extra), tmp_path / "b", data)
+    first.fit()
+    torch.manual_seed(12345)  # anything the process does in between must not matter
+    np.random.seed(7)
+    resumed = Trainer.resume(tmp_path / "b", epochs=n, splits=data)
+    assert resumed.epoch == k
+    result = resumed.fit()
+    assert result["epochs"] == n
+    a, b = _params(straight), _params(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    opt_a, opt_b = straight.optimizer.state_dict(), resumed.optimizer.state_dict()
+    for i, st in opt_a["state"].items():
+        for name, t in st.items():
+            assert torch.equal(t, opt_b["state"][i][name]), (i, name)
+    assert [h["val_auroc"] for h in straight.history] == [h["val_auroc"] for h in resumed.history]
+    assert straight.model.miner.lazy == resumed.model.miner.lazy
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(_minimal_state(epoch=1), path)
+
+    def broken_save(obj, f):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(_minimal_state(epoch=2), path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1  # the old checkpoint is whole
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]  # no temporary file left
+
+
+def _minimal_state(epoch: int) -> dict:
+    return {
+        "format": 1,
+        "config": {},
+        "epoch": epoch,
+        "model": {"w": torch.ones(2)},
+        "optimizer": {},
+        "rng": {},
+        "history": [],
+    }
+
+
+def test_corrupt_or_missing_checkpoint_names_the_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(CheckpointError, match="does not exist") as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value)
+    save_checkpoint(_minimal_state(epoch=1), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="corrupt") as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value)
+    path.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError) as err:
+        Trainer.resume(tmp_path, splits=synthetic_splits())
+    assert str(path) in str(err.value)
+    torch.save({"something": 1}, path)
+    with pytest.raises(CheckpointError, match="not an omnifuse_fast checkpoint"):
+        load_checkpoint(path)
+
+
+def test_select_strong():
+    p = torch.tensor([0.95, 0.2, 0.91, 0.5, 0.99])
+    assert select_strong(p, tau=0.9).tolist() == [0, 2, 4]
+    assert select_strong(p, tau=None, top_fraction=0.4).tolist() == [0, 4]
+    assert select_strong(p, tau=0.999, top_fraction=0.6).tolist() == [0, 2, 4]  # fallback
+    with pytest.raises(ValueError, match="tau"):
+        select_strong(p, tau=1.5)
+
+
+def test_macro_auroc_matches_sklearn_and_handles_missing_classes():
+    from sklearn.metrics import roc_auc_score
+
+    g = torch.Generator().manual_seed(0)
+    proba = torch.softmax(torch.randn(40, 4, generator=g), 1)
+    y = torch.arange(40) % 4
+    want = roc_auc_score(y.numpy(), proba.numpy(), multi_class="ovr", average="macro")
+    assert macro_auroc(proba, y) == pytest.approx(want)
+    y3 = torch.arange(40) % 3  # class 3 absent: averaged over the classes present
+    want3 = np.mean([roc_auc_score(y3.numpy() == c, proba[:, c].numpy()) for c in range(3)])
+    assert macro_auroc(proba, y3) == pytest.approx(want3)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="method"):
+        TrainConfig(method="late")
+    with pytest.raises(ValueError, match="missing_rate"):
+        TrainConfig(missing_rate=1.0)
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        TrainConfig.from_dict({"epochs": 2, "bogus": 1})
+    assert TrainConfig(epochs=10).mm_stage1_epochs == 5
+    base = TrainConfig(method="concat")
+    assert not (base.use_dwfuse or base.use_tla or base.use_imp_forward or base.use_imp_backward)
+    assert base.lambdas == (1.0, 1.0, 1.0)
