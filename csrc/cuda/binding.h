@@ -1,0 +1,96 @@
+// Shared by the thin CUDA bindings (csrc/cuda/*.cu): ATen dtype -> CUDA element type, input
+// checks, and the launch status check. Torch headers live here and in the .cu files only; the
+// kernels (*.cuh) stay torch-free.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+namespace omnifuse_fast {
+namespace cuda_binding {
+
+using at::Tensor;
+
+// c10::Half / c10::BFloat16 share their bit layout with __half / __nv_bfloat16.
+template <typename scalar_t>
+struct CudaType {
+  using type = scalar_t;
+};
+template <>
+struct CudaType<c10::Half> {
+  using type = __half;
+};
+template <>
+struct CudaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+template <typename scalar_t>
+using cuda_t = typename CudaType<scalar_t>::type;
+
+template <typename scalar_t>
+const cuda_t<scalar_t>* in_ptr(const Tensor& t) {
+  return reinterpret_cast<const cuda_t<scalar_t>*>(t.const_data_ptr<scalar_t>());
+}
+
+template <typename scalar_t>
+cuda_t<scalar_t>* out_ptr(Tensor& t) {
+  return reinterpret_cast<cuda_t<scalar_t>*>(t.mutable_data_ptr<scalar_t>());
+}
+
+inline void check_cuda(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "omnifuse_fast::", op, " (CUDA): ", name,
+              " must be a CUDA tensor, got one on ", t.device());
+}
+
+inline void check_dtype(const Tensor& t, at::ScalarType dtype, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == dtype, "omnifuse_fast::", op, " (CUDA): ", name, " must be ",
+              dtype, ", got ", t.scalar_type());
+}
+
+// Accumulation dtype of an input dtype: fp32, or fp64 for fp64 (never below the input).
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The incoming gradient of a scalar loss as a one-element device tensor in the accumulation
+// dtype (the kernels read it on the device: no host synchronization).
+inline Tensor grad_scalar(const Tensor& grad, const Tensor& like) {
+  return grad.reshape({1}).to(like.device(), acc_dtype(like.scalar_type())).contiguous();
+}
+
+// Turns a launcher's status into a Python RuntimeError, then the usual launch check.
+inline void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "omnifuse_fast::", op, " (CUDA): ", cudaGetErrorString(err));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Calls fn(scalar_t* tag) for fp32, fp16 and bf16 (a generic lambda: nothing is instantiated
+// for other dtypes); false for the others (fp64), which the caller handles itself.
+template <typename Fn>
+bool dispatch_fused(at::ScalarType dtype, const Fn& fn) {
+  switch (dtype) {
+    case at::kFloat:
+      fn(static_cast<float*>(nullptr));
+      return true;
+    case at::kHalf:
+      fn(static_cast<c10::Half*>(nullptr));
+      return true;
+    case at::kBFloat16:
+      fn(static_cast<c10::BFloat16*>(nullptr));
+      return true;
+    default:
+      return false;
+  }
+}
+
+#define OMNIFUSE_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+}  // namespace cuda_binding
+}  // namespace omnifuse_fast
