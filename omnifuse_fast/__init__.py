@@ -8,6 +8,7 @@ The semantics are those of SPEC.md; every op takes ``backend=`` ("auto" by defau
 from omnifuse_fast import _ext  # noqa: F401  (loads the compiled ops, or warns once)
 from omnifuse_fast._checks import set_value_checks, value_checks_enabled
 from omnifuse_fast._dispatch import BACKENDS, available_backends
+from omnifuse_fast.api import OmniFuseClassifier
 from omnifuse_fast.nn import (
     CascadeResidualAutoencoder,
     DWFuseLoss,
@@ -43,6 +44,7 @@ __all__ = [
     "MLPEncoder",
     "ModalityMixer",
     "OmniFuse",
+    "OmniFuseClassifier",
     "OmniFuseImputer",
     "TLAMiner",
     "available_backends",

@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="noise standard deviation in standardized units (default 0)",
     )
+    _add_data_args(d, train=True)
     o = t.add_argument_group("optimization")
     o.add_argument("--epochs", type=_number(int, 1), default=None, help="epochs (default 40)")
     o.add_argument("--batch-size", type=_number(int, 1), default=None, help="default 64")
@@ -175,7 +176,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(handler=_train, subparser=t)
+    _add_predict_parser(sub)
+    from omnifuse_fast.experiments.cli import add_subparser as add_experiment
+
+    add_experiment(sub, PROG)  # `experiment NAME`: omnifuse_fast/experiments/cli.py
     return parser
+
+
+def _add_data_args(group, train: bool) -> None:
+    """``--data`` (your own file) and how to read it; see docs/YOUR_DATA.md."""
+    group.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        required=not train,
+        help="your data: .npz (view_<name> arrays, y, present) or .csv/.parquet "
+        "(<view>__<column> groups)" + ("; default: the built-in data" if train else ""),
+    )
+    if train:
+        group.add_argument("--views", default=None, help="--data: comma-separated views to use")
+        group.add_argument(
+            "--label",
+            default=None,
+            help="--data: label column (several, comma-separated: multilabel)",
+        )
+    group.add_argument(
+        "--text-encoder",
+        default=None,
+        help="local transformers model directory that embeds text columns (never downloads)",
+    )
+
+
+def _add_predict_parser(sub) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict a data file with a model trained by `train --data`",
+        prog=f"{PROG} predict",
+        usage=f"{PROG} predict --model DIR --data FILE [--out preds.csv]",
+        description="Write each row's prediction and class probabilities as CSV (to --out, "
+        "else stdout). FILE is laid out like the training file; labels may be absent.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="the --out directory of the run")
+    _add_data_args(p, train=False)
+    p.add_argument("--out", type=Path, default=None, help="CSV file (default: stdout)")
+    p.add_argument("--threads", type=_number(int, 1), default=1, help="torch CPU threads")
+    p.set_defaults(handler=_predict, subparser=p)
 
 
 def _config_values(args: argparse.Namespace) -> dict:
@@ -246,6 +291,11 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     torch.set_num_threads(args.threads)
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     progress = not args.quiet
+    if args.data is not None:
+        return _train_data(args, parser, log, started)
+    for flag in ("views", "label", "text_encoder"):
+        if getattr(args, flag) is not None:
+            parser.error(f"--{flag.replace('_', '-')} needs --data FILE")
     if args.resume:
         given = [n for n in _RUN_SETTINGS if getattr(args, n) not in (None, False)]
         if given:
@@ -270,12 +320,67 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         _check_backend(config.backend, config.device, parser)
         out = args.out if args.out is not None else Path("runs") / config.method
         trainer = Trainer(config, out, progress=progress, log=log)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except FloatingPointError as exc:  # NonFiniteLossError: names the step and the term
+        print(f"{PROG} train: error: {exc}", file=sys.stderr)
+        return 1
+    trainer.close()  # under torchrun: wait for every rank, leave the process group
+    if not trainer.dist.is_main:  # rank 0 alone reports (one JSON line per job)
+        return 0
     result["wall_seconds"] = round(time.perf_counter() - started, 3)  # data + training + test
     result["out"] = str(trainer.out_dir)
     if log is not None:
         log(f"wrote {trainer.out_dir / 'metrics.json'} and the training curve")
     print(json.dumps(result), flush=True)
+    return 0
+
+
+def _train_data(args, parser, log, started: float) -> int:
+    """``train --data FILE``: the same outputs and JSON line as the built-in data."""
+    import time
+
+    from omnifuse_fast.api import fit_file
+
+    for flag in ("resume", "missing_rate", "noise_views", "noise_std"):
+        if getattr(args, flag) not in (None, False):
+            parser.error(f"--{flag.replace('_', '-')} applies to the built-in data, not --data")
+    try:
+        values = _config_values(args)
+        values.pop("missing_rate", None)
+        _check_backend(values.get("backend", "auto"), values.get("device", "cpu"), parser)
+        out = args.out if args.out is not None else Path("runs") / values["method"]
+        views = None if args.views is None else [v.strip() for v in args.views.split(",")]
+        label = args.label
+        if label is not None and "," in label:
+            label = [c.strip() for c in label.split(",")]
+        result = fit_file(args.data, out, views, label, args.text_encoder, log=log, **values)
+    except ValueError as exc:
+        print(f"{PROG} train: error: {exc}", file=sys.stderr)
+        return 2
+    result["wall_seconds"] = round(time.perf_counter() - started, 3)
+    result["out"] = str(out)
+    if log is not None:
+        log(f"wrote {out / 'metrics.json'}, {out / 'model.pt'} and the training curve")
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from omnifuse_fast.api import predict_file
+
+    torch.set_num_threads(args.threads)
+    try:
+        frame = predict_file(args.model, args.data, args.out, args.text_encoder)
+    except ValueError as exc:
+        print(f"{PROG} predict: error: {exc}", file=sys.stderr)
+        return 2
+    if args.out is None:
+        sys.stdout.write(frame.to_csv(index=False))
+    else:
+        print(json.dumps({"out": str(args.out), "rows": len(frame)}), flush=True)
     return 0
 
 

@@ -74,6 +74,8 @@ class OmniFuse(nn.Module):
         encoders: custom encoders (one per view, output ``[B, dim]``); with
             ``"zero_input"`` each needs a ``missing_embedding()`` method. MLPs when None.
         backend: backend of every functional op.
+        multilabel: labels are float ``[B, C]`` indicators: BCE joint loss, ``sigmoid(o)``
+            predictions, and TLA's distance is each sample's joint BCE (mean over labels).
     """
 
     def __init__(
@@ -102,8 +104,10 @@ class OmniFuse(nn.Module):
         detach_weight: bool = True,
         encoders: Sequence[nn.Module] | None = None,
         backend: str = "auto",
+        multilabel: bool = False,
     ) -> None:
         super().__init__()
+        self.multilabel = bool(multilabel)
         view_dims = [int(d) for d in view_dims]
         m = _checks.num_modalities(len(view_dims), "len(view_dims) (M)")
         for i, d in enumerate(view_dims):
@@ -284,6 +288,8 @@ class OmniFuse(nn.Module):
 
     # ----------------------------------------------------------------- TLA
     def _tla_term(self, v, observed, u, o, comb, labels) -> torch.Tensor:
+        if self.miner.mode == "observed" and labels.dim() == 2:
+            return _multilabel_tla_loss(o, labels, comb, self.miner.lazy)
         if self.miner.mode == "observed":
             return self.miner.loss(o, labels, comb)
         lazy = self.miner.lazy
@@ -298,6 +304,8 @@ class OmniFuse(nn.Module):
         present = bits.bool().unsqueeze(0).expand(idx.numel(), -1)
         v_full, latents, _, _, _ = self._complete(v[idx], observed[idx], u, present, losses=False)
         logits = self._joint(v_full, latents)
+        if labels.dim() == 2:  # every row here is fed exactly lazy's modalities
+            return joint_cross_entropy(logits, labels[idx])
         return tla_loss(
             logits,
             labels[idx],
@@ -316,22 +324,65 @@ class OmniFuse(nn.Module):
         ``"subsets"``: one extra no-grad pass scoring every non-empty subset of each sample's
         observed modalities (the rest marked missing).
         """
+        update = _multilabel_tla_update if labels.dim() == 2 else TLAMiner.update
         if self.miner.mode == "observed":
-            self.miner.update(out.joint_logits, labels, out.comb)
+            update(self.miner, out.joint_logits, labels, out.comb)
             return
         rows, present, comb = expand_subsets(observed)
         u = self.missing_embeddings()
         v = out.embeddings.detach()[rows]
         v_full, latents, _, _, _ = self._complete(v, observed[rows], u, present, losses=False)
-        self.miner.update(self._joint(v_full, latents), labels[rows], comb)
+        update(self.miner, self._joint(v_full, latents), labels[rows], comb)
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
     def predict_proba(self, views: Sequence[torch.Tensor], observed: torch.Tensor) -> torch.Tensor:
-        """``softmax(o)`` ``[B, C]`` in eval mode (only the forward imputation runs)."""
+        """``softmax(o)`` ``[B, C]`` (``sigmoid(o)`` multilabel) in eval mode.
+
+        Only the forward imputation runs.
+        """
         was = self.training
         self.eval()
         try:
-            return F.softmax(self.forward(views, observed).joint_logits.float(), dim=1)
+            o = self.forward(views, observed).joint_logits.float()
+            return torch.sigmoid(o) if self.multilabel else F.softmax(o, dim=1)
         finally:
             self.train(was)
+
+
+# ----------------------------------------------------------------- multilabel TLA
+# The TLA ops take class labels; for multilabel labels the distance of eq. 15 is the sample's
+# joint BCE (mean over labels, the per-sample share of L_ra) for "ce", and the l1 / l2 distance
+# of sigmoid(o) to the indicator vector otherwise. Mining (argmax, ties, all-reduce) is the
+# miner's own: only the per-combination sums are accumulated here.
+
+
+def _multilabel_distance(logits: torch.Tensor, labels: torch.Tensor, distance: str) -> torch.Tensor:
+    logits, labels = logits.float(), labels.float()
+    if distance == "ce":
+        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        return bce.mean(dim=1)
+    diff = torch.sigmoid(logits) - labels
+    return diff.abs().sum(dim=1) if distance == "l1" else diff.square().sum(dim=1)
+
+
+@torch.no_grad()
+def _multilabel_tla_update(
+    miner: TLAMiner, logits: torch.Tensor, labels: torch.Tensor, comb: torch.Tensor
+) -> None:
+    d = _multilabel_distance(logits.detach(), labels, miner.distance)
+    comb = comb.to(miner.sums.device, torch.int64)
+    miner.sums.index_add_(0, comb, d.to(miner.sums.device, torch.float64))
+    miner.counts.index_add_(0, comb, torch.ones_like(comb))
+
+
+def _multilabel_tla_loss(
+    logits: torch.Tensor, labels: torch.Tensor, comb: torch.Tensor, lazy: int | None
+) -> torch.Tensor:
+    """Eq. 17 with BCE: the joint BCE over the samples fed ``lazy``; a real 0 when none."""
+    if lazy is None:
+        return logits.new_zeros(())
+    mask = comb == lazy
+    if not bool(mask.any()):
+        return logits.new_zeros(())
+    return joint_cross_entropy(logits[mask], labels[mask])

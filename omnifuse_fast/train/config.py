@@ -33,6 +33,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     select_best: bool = True
+    patience: int | None = None  # early stopping: epochs without a better val AUROC
     # model
     dim: int = 32
     hidden: int = 64
@@ -76,6 +77,8 @@ class TrainConfig:
         for name in ("encoder_hidden", "head_hidden"):
             _check(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, ">= 1")
         _check(_is_int(self.seed) and self.seed >= 0, "seed", "an int >= 0", self.seed)
+        if self.patience is not None:
+            _check(_is_int(self.patience) and self.patience >= 1, "patience", ">= 1 or None")
         _check(math.isfinite(self.lr) and self.lr > 0, "lr", "> 0", self.lr)
         _check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
         _check(0.0 <= self.drop_rate < 1.0, "drop_rate", "in [0, 1)", self.drop_rate)

@@ -5,12 +5,22 @@ every training batch and mined at the epoch's end, a validation pass, an atomic 
 Everything random (the shuffle generator, the mixer's generator, the global torch / numpy /
 python states that drive the imputer's supervision drop) is in the checkpoint, so training
 N epochs straight and training k, stopping and resuming to N give the same bits on CPU.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the trainer joins the process group and trains with
+DistributedDataParallel on contiguous shards of each global batch: the same steps as one
+process with the same ``batch_size`` (see :mod:`omnifuse_fast.train.distributed`). Rank 0
+alone logs, checkpoints and writes the outputs.
+
+Every step checks the loss terms of eq. 18 for non-finite values (one device sync) and stops
+with :class:`NonFiniteLossError`, naming the step and the term, before the bad update.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+import math
 import random
 import sys
 import time
@@ -20,10 +30,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from omnifuse_fast import _dispatch
 from omnifuse_fast.nn import MIMOBalancer, ModalityMixer, OmniFuse
+from omnifuse_fast.nn.dwfuse import joint_cross_entropy
+from omnifuse_fast.nn.imputer import supervision_drop
 from omnifuse_fast.ops import soft_cross_entropy
 from omnifuse_fast.train.checkpoint import (
     FORMAT,
@@ -33,6 +44,16 @@ from omnifuse_fast.train.checkpoint import (
     set_rng_state,
 )
 from omnifuse_fast.train.config import TrainConfig
+from omnifuse_fast.train.distributed import (
+    LEAVES,
+    DistContext,
+    DistributedMIMOBalancer,
+    global_terms,
+    leaf_counts,
+    objective_coefficients,
+    setup,
+    teardown,
+)
 from omnifuse_fast.train.metrics import accuracy, macro_auroc
 from omnifuse_fast.train.plot import save_training_curve
 from omnifuse_fast.train.schedule import select_strong
@@ -42,8 +63,45 @@ METRICS = "metrics.json"
 CURVE = "training_curve.png"
 EVAL_BATCH = 1024
 
+# What each logged term is, for the non-finite-loss error.
+TERM_DOC = {
+    "forward": "L_forward, forward imputation (eq. 7)",
+    "backward": "L_backward, backward imputation (eq. 8; lambda1 in eq. 18)",
+    "enc": "L_enc, DWFuse's weighted unimodal CE (eq. 12, in lambda2 * L_DWFuse)",
+    "ra": "L_ra, the joint head's CE (eq. 13, in lambda2 * L_DWFuse)",
+    "dwfuse": "L_DWFuse (eq. 14; lambda2 in eq. 18)",
+    "ce": "CE of the joint head (the lambda2 term of eq. 18 without DWFuse)",
+    "tla": "L_TLA (eq. 17; lambda3 in eq. 18)",
+    "total": "L, the joint objective (eq. 18)",
+    "mix": "MM learning's soft-label CE on mixed samples",
+    "objective": "the step's objective",
+}
 
-def build_model(config: TrainConfig, view_dims: list[int], num_classes: int) -> OmniFuse:
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; the message names the step and the term."""
+
+
+def _temp_checkpoints(out_dir: Path) -> list[Path]:
+    """Temporary files a killed :func:`save_checkpoint` left behind in ``out_dir``."""
+    return sorted(out_dir.glob(f".{CHECKPOINT}.*.tmp"))
+
+
+class _ShardStep(torch.nn.Module):
+    """What DDP wraps: the model, and a forward that is one rank's weighted step loss."""
+
+    def __init__(self, model: OmniFuse, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.model = model
+        self._fn = fn
+
+    def forward(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+
+def build_model(
+    config: TrainConfig, view_dims: list[int], num_classes: int, multilabel: bool = False
+) -> OmniFuse:
     """The model a config describes (the baselines switch every OmniFuse component off)."""
     return OmniFuse(
         view_dims,
@@ -63,6 +121,7 @@ def build_model(config: TrainConfig, view_dims: list[int], num_classes: int) -> 
         use_imp_backward=config.use_imp_backward,
         tla_mode=config.tla_mode,
         backend=config.backend,
+        multilabel=multilabel,
     )
 
 
@@ -98,6 +157,10 @@ class Trainer:
         splits: the data; None loads the built-in data as the config says.
         progress: show a tqdm bar over epochs (only on a TTY).
         log: called with one line per epoch (e.g. ``print`` to stderr); None: silent.
+        distributed: this rank's place in a job; None reads ``torchrun``'s environment
+            (and initializes the process group when ``WORLD_SIZE > 1``).
+        check_finite: stop with :class:`NonFiniteLossError` at the first non-finite loss
+            term (one device sync per step; on by default).
     """
 
     def __init__(
@@ -107,18 +170,28 @@ class Trainer:
         splits: dict[str, Any] | None = None,
         progress: bool = False,
         log: Callable[[str], None] | None = None,
+        distributed: DistContext | None = None,
+        check_finite: bool = True,
     ) -> None:
         self.config = config
         self.out_dir = None if out_dir is None else Path(out_dir)
+        if distributed is None:
+            self.dist, self.device = setup(config.device)
+        else:
+            self.dist, self.device = distributed, torch.device(config.device)
+        if not self.dist.is_main:  # one voice: rank 0 logs
+            progress, log = False, None
         self.progress, self.log = progress, log
-        self.device = torch.device(config.device)
+        self.check_finite = check_finite
         self._seed_everything(config.seed)
         splits = load_data(config) if splits is None else splits
         self.splits = {k: self._to_device(v) for k, v in splits.items()}
         train = self.splits["train"]
         self.view_dims = [int(x.shape[1]) for x in train.views]
         self.num_classes = int(train.num_classes)
-        self.model = build_model(config, self.view_dims, self.num_classes).to(self.device)
+        multilabel = train.labels.dim() == 2  # float [N, C] indicators
+        self.model = build_model(config, self.view_dims, self.num_classes, multilabel)
+        self.model = self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True
         )
@@ -128,8 +201,13 @@ class Trainer:
         self.balancer: MIMOBalancer | None = None
         if config.method == "mimo":
             shared, heads, fusion = self.model.parameter_groups()
-            self.balancer = MIMOBalancer(shared, heads, fusion, config.mimo_mode, config.backend)
+            kind = DistributedMIMOBalancer if self.dist.enabled else MIMOBalancer
+            self.balancer = kind(shared, heads, fusion, config.mimo_mode, config.backend)
+        self.ddp: torch.nn.Module | None = None
+        if self.dist.enabled:
+            self.ddp = self._wrap_ddp()
         self.epoch = 0
+        self._step_index = 0  # within the epoch, for error messages
         self.history: list[dict[str, Any]] = []
         self.pool: torch.Tensor | None = None  # MM learning's selected samples (stage 2)
         self.best: dict[str, Any] | None = None
@@ -137,6 +215,31 @@ class Trainer:
         self._bar: Any = None
 
     # ------------------------------------------------------------------ setup
+    def _wrap_ddp(self) -> torch.nn.Module:
+        """DistributedDataParallel over the step (the ranks start from rank 0's weights)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = self.model
+        # Parameters no loss term reaches: the unimodal heads without DWFuse, the backward
+        # cascade without IMP-backward. DDP must know, or it waits for their gradients.
+        imputer = model.imputer
+        unused = not model.use_dwfuse or (imputer is not None and not imputer.use_backward)
+        # The miner's buffers are per-rank sums (all-reduced at mining): never synced in forward.
+        # Newer torch renames broadcast_buffers (init sync is harmless: all ranks hold zeros or
+        # the same checkpoint).
+        params = inspect.signature(DistributedDataParallel.__init__).parameters
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+        return DistributedDataParallel(
+            _ShardStep(model, self._shard_loss),
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=unused,
+            **{sync: False},
+        )
+
+    def close(self) -> None:
+        """Leave the distributed job: wait for every rank, destroy the group if we made it."""
+        teardown(self.dist)
+
     @staticmethod
     def _seed_everything(seed: int) -> None:
         torch.manual_seed(seed)
@@ -170,6 +273,9 @@ class Trainer:
         config = TrainConfig.from_dict(values)
         trainer = cls(config, out_dir, splits, progress, log)
         trainer.load_state_dict(state)
+        if trainer.dist.is_main:  # a write killed mid-way leaves its temporary file behind
+            for stale in _temp_checkpoints(Path(out_dir)):
+                stale.unlink(missing_ok=True)
         return trainer
 
     # ------------------------------------------------------------------ state
@@ -204,8 +310,8 @@ class Trainer:
         self.train_seconds = float(state.get("train_seconds", 0.0))
 
     def save(self) -> Path | None:
-        """Write the checkpoint atomically (nothing without ``out_dir``)."""
-        if self.out_dir is None:
+        """Write the checkpoint atomically (nothing without ``out_dir``, or off rank 0)."""
+        if self.out_dir is None or not self.dist.is_main:
             return None
         return save_checkpoint(self.state_dict(), self.out_dir / CHECKPOINT)
 
@@ -232,13 +338,25 @@ class Trainer:
 
     def _mix_loss(self, train: Any, batch_size: int) -> torch.Tensor:
         """MM learning: soft CE of the joint head on modality-mixed pool samples."""
+        pick = self._mix_pick(batch_size)
+        return self._mix_rows(train, pick, slice(0, batch_size))
+
+    def _mix_pick(self, batch_size: int) -> torch.Tensor:
+        """Positions in the pool of the samples one step mixes (the shuffle generator)."""
         assert self.pool is not None
-        pick = torch.randint(len(self.pool), (batch_size,), generator=self.shuffle)
+        return torch.randint(len(self.pool), (batch_size,), generator=self.shuffle)
+
+    def _mix_rows(self, train: Any, pick: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Mix the picked pool samples (the whole global batch: mixing crosses samples), then
+        the soft CE of the mixed ``rows`` (a rank's shard; all of them in one process)."""
+        assert self.pool is not None
         views, observed, labels = self._batch(train, self.pool[pick].to(self.device))
         out = self.model(views, observed, present=observed)  # no drop: mix what was observed
         v_mix, soft = self.mixer(out.v_full, labels)
         return soft_cross_entropy(
-            self.model.joint_logits_from_embeddings(v_mix), soft, backend=self.config.backend
+            self.model.joint_logits_from_embeddings(v_mix[rows]),
+            soft[rows],
+            backend=self.config.backend,
         )
 
     def _select_pool(self) -> None:
@@ -247,44 +365,205 @@ class Trainer:
         p_true = proba.gather(1, train.labels.cpu().view(-1, 1)).squeeze(1)
         cfg = self.config
         self.pool = select_strong(p_true, cfg.mm_tau, cfg.mm_top_fraction, minimum=2)
+        if self.dist.enabled:  # identical by construction; rank 0's copy makes it certain
+            holder = [self.pool]
+            torch.distributed.broadcast_object_list(holder, src=0)
+            self.pool = holder[0]
         self._say(f"MM learning: stage 2 mixes {len(self.pool)} of {len(train)} samples")
 
     def train_epoch(self) -> dict[str, float]:
-        """One pass over the training split; returns the mean loss terms."""
+        """One pass over the training split; returns the mean loss terms.
+
+        Raises:
+            NonFiniteLossError: a loss term is NaN or infinite (checked before the update).
+        """
         cfg, model, train = self.config, self.model, self.splits["train"]
         model.train()
         stage2 = cfg.method == "mm" and self.pool is not None
         order = torch.randperm(len(train), generator=self.shuffle)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         batches = 0
-        for start in range(0, len(train), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size].to(self.device)
-            views, observed, labels = self._batch(train, idx)
-            out = model(views, observed, labels)
-            loss = out.losses["total"]
-            terms = dict(out.losses)
-            if stage2:
-                mix = self._mix_loss(train, len(idx))
-                terms["mix"] = mix
-                loss = cfg.mm_mu * mix + (1.0 - cfg.mm_mu) * loss
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.balancer is not None:
-                per_modality = [
-                    F.cross_entropy(out.modality_logits[:, m].float(), labels)
-                    for m in range(model.num_modalities)
-                ]
-                step = self.balancer.backward(loss, per_modality)
-                terms["mimo_lambda"] = step.weights[0]
-            else:
-                loss.backward()
+        for step, start in enumerate(range(0, len(train), cfg.batch_size)):
+            batch = order[start : start + cfg.batch_size]
+            self._step_index = step
+            try:
+                if self.dist.enabled:
+                    terms, out, observed, labels, real = self._distributed_step(
+                        train, batch, stage2
+                    )
+                else:
+                    terms, out, observed, labels, real = self._local_step(
+                        train, batch, stage2, step
+                    )
+            except ValueError as exc:  # e.g. an op refusing inf embeddings after a blow-up
+                self._diagnose(exc, step)
+                raise
             self.optimizer.step()
-            if model.use_tla:
+            if model.use_tla and real:
                 model.tla_observe(out, observed, labels)
-            terms["objective"] = loss
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+            for k, v in terms.items():  # on the device: no sync per term
+                sums[k] = sums[k] + v if k in sums else v.double()
             batches += 1
-        return {k: v / max(batches, 1) for k, v in sums.items()}
+        return {k: float(v) / max(batches, 1) for k, v in sums.items()}
+
+    def _local_step(self, train: Any, batch: torch.Tensor, stage2: bool, step: int):
+        """One process, one batch: forward, finiteness check, backward (no optimizer step)."""
+        cfg, model = self.config, self.model
+        idx = batch.to(self.device)
+        views, observed, labels = self._batch(train, idx)
+        out = model(views, observed, labels)
+        loss = out.losses["total"]
+        terms = dict(out.losses)
+        if stage2:
+            mix = self._mix_loss(train, len(idx))
+            terms["mix"] = mix
+            loss = cfg.mm_mu * mix + (1.0 - cfg.mm_mu) * loss
+        per_modality = None
+        if self.balancer is not None:
+            per_modality = [
+                joint_cross_entropy(out.modality_logits[:, m].float(), labels)  # BCE multilabel
+                for m in range(model.num_modalities)
+            ]
+        checked = {**terms, "objective": loss}
+        for m, loss_m in enumerate(per_modality or ()):
+            checked[f"modality {m}"] = loss_m
+        self._check_finite(checked, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.balancer is not None:
+            assert per_modality is not None
+            terms["mimo_lambda"] = self.balancer.backward(loss, per_modality).weights[0]
+        else:
+            loss.backward()
+        terms["objective"] = loss
+        return {k: v.detach() for k, v in terms.items()}, out, observed, labels, True
+
+    def _check_finite(self, terms: dict[str, torch.Tensor], step: int) -> None:
+        """Raise :class:`NonFiniteLossError` naming the first bad term (one sync when fine)."""
+        if not self.check_finite:
+            return
+        values = torch.stack([v.detach().double().reshape(()) for v in terms.values()])
+        if bool(torch.isfinite(values).all()):
+            return
+        bad = [(k, v) for k, v in zip(terms, values.tolist()) if not math.isfinite(v)]
+        name, value = next(((k, v) for k, v in bad if k in LEAVES or k == "mix"), bad[0])
+        what = TERM_DOC.get(name, "the loss of a unimodal head (MIMO)")
+        others = ", ".join(k for k, _ in bad if k != name)
+        saved = self.out_dir / CHECKPOINT if self.out_dir is not None else None
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {self.epoch + 1}, step {step + 1}: "
+            f"term {name!r} = {value} ({what})"
+            + (f"; also non-finite: {others}" if others else "")
+            + ". Training stopped before the update; the last checkpoint"
+            + (f" ({saved})" if saved is not None else "")
+            + f" holds epoch {self.epoch}."
+        )
+
+    def _diagnose(self, exc: ValueError, step: int) -> None:
+        """Turn an op's "must be finite" refusal mid-training into a :class:`NonFiniteLossError`
+        that says where training went wrong (the data were checked when they were loaded)."""
+        if not self.check_finite or "finite" not in str(exc):
+            return
+        params = dict(self.model.named_parameters())
+        bad = [n for n, p in params.items() if not bool(torch.isfinite(p).all())]
+        if bad:
+            what = f"parameters hold NaN/inf after the previous update (first: {bad[0]})"
+        else:
+            name, p = max(params.items(), key=lambda kv: float(kv[1].detach().abs().max()))
+            what = (
+                f"the forward pass overflowed (largest |parameter| "
+                f"{float(p.detach().abs().max()):.3g}, in {name})"
+            )
+        raise NonFiniteLossError(
+            f"non-finite values at epoch {self.epoch + 1}, step {step + 1}: {what}; the op "
+            f"said: {exc}. Training stopped; the last checkpoint holds epoch {self.epoch}."
+        ) from exc
+
+    # ------------------------------------------------------------------ distributed step
+    def _draw_present(self, observed: torch.Tensor) -> torch.Tensor:
+        """The imputer's supervision drop for a whole global batch (the global RNG, like the
+        model draws it in one process), so that every rank can take its slice."""
+        imputer = self.model.imputer
+        if imputer is None or not (imputer.use_forward or imputer.use_backward):
+            return observed
+        return supervision_drop(observed, imputer.drop_rate)
+
+    def _distributed_step(self, train: Any, batch: torch.Tensor, stage2: bool):
+        """This rank's shard of a global batch: forward, global terms and check, backward."""
+        local, rows = self.dist.shard(batch)
+        real = len(local) > 0
+        if not real:  # fewer samples than ranks: a zero-weight stand-in keeps DDP in step
+            local, rows = batch[:1], slice(0, 1)
+        present = self._draw_present(train.observed[batch.to(self.device)])[rows]
+        views, observed, labels = self._batch(train, local.to(self.device))
+        pick = self._mix_pick(len(batch)) if stage2 else None
+        self.optimizer.zero_grad(set_to_none=True)
+        args = (views, observed, labels, present, real, pick, rows)
+        if self.balancer is not None:  # MIMO writes .grad itself, from all-reduced gradients
+            loss, per_modality, terms, out = self._shard_loss(*args)
+            world = self.dist.world_size
+            step = self.balancer.backward(loss / world, [m / world for m in per_modality])
+            terms["mimo_lambda"] = step.weights[0].to(self.device)
+            terms["objective"] = terms.pop("objective")
+        else:
+            assert self.ddp is not None
+            loss, _, terms, out = self.ddp(*args)
+            loss.backward()
+        return terms, out, observed, labels, real
+
+    def _shard_loss(self, views, observed, labels, present, real, pick, rows):
+        """``world * sum_t c_t * term_t * n_{r,t} / n_t`` on this rank (what DDP averages).
+
+        Returns ``(loss, weighted unimodal losses (MIMO) or None, global logged terms,
+        detached model output)``.
+        """
+        cfg, model, train = self.config, self.model, self.splits["train"]
+        out = model(views, observed, labels, present=present)
+        terms = {k: v for k, v in out.losses.items() if k in LEAVES}
+        counts = leaf_counts(model, out, observed)
+        n = torch.tensor(observed.shape[0], device=observed.device)
+        if pick is not None:
+            terms["mix"] = self._mix_rows(train, pick, rows)
+            counts["mix"] = n
+        per_modality: list[torch.Tensor] = []
+        if self.balancer is not None:
+            for m in range(model.num_modalities):
+                terms[f"modality {m}"] = joint_cross_entropy(
+                    out.modality_logits[:, m].float(), labels
+                )
+                counts[f"modality {m}"] = n
+        values, weights = global_terms(terms, counts, real)
+        coef = objective_coefficients(model)
+        total = sum(coef[k] * weights[k] * terms[k] for k in terms if k in LEAVES)
+        total_value = sum(coef[k] * values[k] for k in values if k in LEAVES)
+        logged: dict[str, torch.Tensor] = {}
+        for k in out.losses:  # the single-process keys, in its order
+            if k == "dwfuse":
+                logged[k] = values["enc"] + model.dwfuse.alpha * values["ra"]
+            elif k == "total":
+                logged[k] = total_value
+            else:
+                logged[k] = values[k]
+        loss, objective = total, total_value
+        if pick is not None:
+            logged["mix"] = values["mix"]
+            mix = weights["mix"] * terms["mix"]
+            loss = cfg.mm_mu * mix + (1.0 - cfg.mm_mu) * total
+            objective = cfg.mm_mu * values["mix"] + (1.0 - cfg.mm_mu) * total_value
+        logged["objective"] = objective
+        checked = {**logged, **{k: v for k, v in values.items() if k.startswith("modality")}}
+        self._check_finite(checked, self._step_index)
+        if self.balancer is not None:
+            per_modality = [
+                weights[f"modality {m}"] * terms[f"modality {m}"]
+                for m in range(model.num_modalities)
+            ]
+        detached = out._replace(
+            **{
+                f: getattr(out, f).detach() for f in out._fields if torch.is_tensor(getattr(out, f))
+            },
+            losses={},
+        )
+        return loss, per_modality or None, {k: v.detach() for k, v in logged.items()}, detached
 
     def fit(self) -> dict[str, Any]:
         """Train from the current epoch to ``config.epochs``; test; write the outputs."""
@@ -299,6 +578,9 @@ class Trainer:
         try:
             for _ in epochs:
                 self._one_epoch(bar)
+                if self._patience_ran_out():
+                    self._say(f"early stop: no val AUROC gain in {cfg.patience} epochs")
+                    break
         finally:
             self._bar = None
             if bar is not None:
@@ -344,6 +626,13 @@ class Trainer:
         else:
             self._say(line)
 
+    def _patience_ran_out(self) -> bool:
+        """Early stopping: ``config.patience`` epochs since the best validation AUROC."""
+        patience = self.config.patience
+        if patience is None or self.best is None:
+            return False
+        return self.epoch - self.best["epoch"] >= patience
+
     def _say(self, line: str) -> None:
         if self._bar is not None:
             self._bar.write(line, file=sys.stderr)  # above the bar, not through it
@@ -376,7 +665,9 @@ class Trainer:
         }
         if self.balancer is not None:
             result["mimo_subroutine_seconds"] = round(self.balancer.subroutine_seconds, 6)
-        if self.out_dir is not None:
+        if self.dist.enabled:
+            result["world_size"] = self.dist.world_size
+        if self.out_dir is not None and self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             metrics = {**result, "config": cfg.to_dict(), "history": self.history}
             (self.out_dir / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
