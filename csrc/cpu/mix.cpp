@@ -1,0 +1,257 @@
+// MM learning (SPEC section 5) on CPU: the modality mix (a row gather plus proportion labels),
+// its backward as a deterministic scatter-add, and the soft-label cross-entropy.
+#include <cstring>
+
+#include "common.h"
+
+namespace omnifuse_fast {
+namespace cpu {
+namespace {
+
+std::tuple<Tensor, Tensor> modality_mix_cpu(const Tensor& v_in, const Tensor& labels_in,
+                                            const Tensor& src_in, int64_t num_classes,
+                                            const std::optional<Tensor>& weights_in) {
+  const Tensor v = v_in.contiguous();
+  const Tensor labels = labels_in.contiguous();
+  const Tensor src = src_in.to(at::kLong).contiguous();
+  // B mixed rows (src [M, B]) drawn from a pool of Bs samples (== B for the public op)
+  const int64_t B = src.size(1), M = v.size(1), D = v.size(2), C = num_classes;
+  const int64_t Bs = v.size(0);
+  TORCH_CHECK(M <= 8, "omnifuse_fast::modality_mix: at most 8 modalities, got ", M);
+  // per-sample proportions [B, M] in the accumulation dtype; uniform when absent
+  Tensor w;
+  if (weights_in.has_value() && weights_in->defined()) {
+    w = weights_in->to(acc_type(v)).expand({B, M}).contiguous();
+  }
+  Tensor v_mix = empty_output({B, M, D}, v.options());
+  Tensor soft = empty_output({B, C}, v.options());
+  OMNIFUSE_DISPATCH_FLOATS(v.scalar_type(), "modality_mix", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    const int64_t* y = labels.const_data_ptr<int64_t>();
+    const int64_t* sp = src.const_data_ptr<int64_t>();
+    const acc_t* wp = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+    scalar_t* out = v_mix.data_ptr<scalar_t>();
+    scalar_t* q = soft.data_ptr<scalar_t>();
+    const acc_t uniform = acc_t(1) / static_cast<acc_t>(M);
+    at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+      int64_t ys[8];
+      for (int64_t b = b0; b < b1; ++b) {
+        bool same = true;
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t s = sp[m * B + b];
+          check_index(s, Bs, "src");
+          std::memcpy(out + (b * M + m) * D, vp + (s * M + m) * D, D * sizeof(scalar_t));
+          ys[m] = y[s];
+          check_index(ys[m], C, "class label");
+          same = same && ys[m] == ys[0];
+        }
+        scalar_t* row = q + b * C;
+        std::fill(row, row + C, scalar_t(0));
+        if (same) {  // every source agrees: an exact hard label
+          row[ys[0]] = scalar_t(1);
+          continue;
+        }
+        for (int64_t m = 0; m < M; ++m) {  // sum of the weights per distinct label
+          bool first = true;
+          for (int64_t k = 0; k < m; ++k) first = first && ys[k] != ys[m];
+          if (!first) continue;
+          acc_t acc = 0;
+          for (int64_t k = m; k < M; ++k) {
+            if (ys[k] == ys[m]) acc += wp ? wp[b * M + k] : uniform;
+          }
+          row[ys[m]] = static_cast<scalar_t>(acc);
+        }
+      }
+    });
+  });
+  return {v_mix, soft};
+}
+
+template <typename acc_t, typename scalar_t>
+OMNIFUSE_INLINE void add_row(acc_t* acc, const scalar_t* row, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<acc_t>(row[i]);
+}
+
+// grad_v[i, m] = sum over b with src[m, b] = i of grad_v_mix[b, m]. A counting sort of each
+// src row gives every source row its readers in ascending b; each output row is then written
+// by one thread in a fixed order: no atomics, deterministic.
+Tensor modality_mix_backward_cpu(const Tensor& grad_in, const Tensor& src_in, int64_t batch) {
+  const Tensor grad = grad_in.contiguous();
+  const Tensor src = src_in.to(at::kLong).contiguous();
+  const int64_t B = grad.size(0), M = grad.size(1), D = grad.size(2), N = batch;
+  std::vector<int64_t> start(M * (N + 1), 0), order(M * B);
+  const int64_t* sp = src.const_data_ptr<int64_t>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      int64_t* st = start.data() + m * (N + 1);
+      const int64_t* s = sp + m * B;
+      for (int64_t b = 0; b < B; ++b) {
+        check_index(s[b], N, "src");
+        ++st[s[b] + 1];
+      }
+      for (int64_t i = 0; i < N; ++i) st[i + 1] += st[i];
+      std::vector<int64_t> pos(st, st + N);
+      int64_t* ord = order.data() + m * B;
+      for (int64_t b = 0; b < B; ++b) ord[pos[s[b]]++] = b;
+    }
+  });
+  Tensor gv = empty_output({N, M, D}, grad.options());
+  OMNIFUSE_DISPATCH_FLOATS(grad.scalar_type(), "modality_mix_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t* o = gv.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 16, [&](int64_t i0, int64_t i1) {
+      std::vector<acc_t> acc(D);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t* st = start.data() + m * (N + 1);
+          const int64_t* ord = order.data() + m * B;
+          const int64_t k0 = st[i], k1 = st[i + 1];
+          scalar_t* dst = o + (i * M + m) * D;
+          if (k1 == k0) {
+            std::fill(dst, dst + D, scalar_t(0));
+          } else if (k1 == k0 + 1) {
+            std::memcpy(dst, g + (ord[k0] * M + m) * D, D * sizeof(scalar_t));
+          } else {
+            std::fill(acc.begin(), acc.end(), acc_t(0));
+            for (int64_t k = k0; k < k1; ++k) add_row(acc.data(), g + (ord[k] * M + m) * D, D);
+            for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
+          }
+        }
+      }
+    });
+  });
+  return gv;
+}
+
+// logsumexp of rows [c0, c1) as mx + ls (max, log of the exp-sum): per row a max pass and an
+// exp-sum pass (vectorized along C), then the logs vectorized across the rows. log_softmax is
+// then (z - mx) - ls: never z minus the large lse, which would lose ulp(|z|) absolutely.
+constexpr int64_t kChunk = 256;
+
+template <typename scalar_t, typename acc_t>
+OMNIFUSE_INLINE void rows_lse(const scalar_t* z, int64_t C, int64_t c0, int64_t c1, acc_t* mx,
+                              acc_t* ls) {
+  for (int64_t b = c0; b < c1; ++b) {
+    const scalar_t* zr = z + b * C;
+    acc_t m = neg_inf<acc_t>();
+#pragma omp simd reduction(max : m)
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t v = static_cast<acc_t>(zr[c]);
+      m = m > v ? m : v;
+    }
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < C; ++c) s += vexp_neg(static_cast<acc_t>(zr[c]) - m);
+    mx[b - c0] = m;
+    ls[b - c0] = s;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < c1 - c0; ++i) ls[i] = vlog(ls[i]);
+}
+
+constexpr int64_t kBlock = 256;
+
+// sum over rows of sum_c q_c (-log_softmax_c), term by term.
+template <typename scalar_t, typename acc_t>
+OMNIFUSE_CPU_CLONES acc_t soft_ce_rows(const scalar_t* z, const scalar_t* q, int64_t C, int64_t b0,
+                                       int64_t b1) {
+  acc_t mx[kChunk], ls[kChunk];
+  acc_t acc = 0;
+  for (int64_t c0 = b0; c0 < b1; c0 += kChunk) {
+    const int64_t c1 = std::min(b1, c0 + kChunk);
+    rows_lse(z, C, c0, c1, mx, ls);
+    for (int64_t b = c0; b < c1; ++b) {
+      const acc_t m = mx[b - c0], l = ls[b - c0];
+      acc_t row = 0;
+#pragma omp simd reduction(+ : row)
+      for (int64_t c = 0; c < C; ++c) {
+        row += static_cast<acc_t>(q[b * C + c]) * ((m - static_cast<acc_t>(z[b * C + c])) + l);
+      }
+      acc += row;
+    }
+  }
+  return acc;
+}
+
+// d/dz_c = (p_c sum(q) - q_c) scale,  d/dq_c = -log_softmax_c scale.
+template <typename scalar_t, typename acc_t>
+OMNIFUSE_CPU_CLONES void soft_ce_grad_rows(scalar_t* gz, scalar_t* gq, const scalar_t* z,
+                                           const scalar_t* q, int64_t C, acc_t scale, int64_t b0,
+                                           int64_t b1) {
+  acc_t mx[kChunk], ls[kChunk];
+  for (int64_t c0 = b0; c0 < b1; c0 += kChunk) {
+    const int64_t c1 = std::min(b1, c0 + kChunk);
+    rows_lse(z, C, c0, c1, mx, ls);
+    for (int64_t b = c0; b < c1; ++b) {
+      const scalar_t* zr = z + b * C;
+      const scalar_t* qr = q + b * C;
+      const acc_t m = mx[b - c0], l = ls[b - c0];
+      acc_t sq = 0;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t c = 0; c < C; ++c) sq += static_cast<acc_t>(qr[c]);
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t lp = (static_cast<acc_t>(zr[c]) - m) - l;  // log_softmax
+        gz[b * C + c] =
+            static_cast<scalar_t>(scale * (vexp_neg(lp) * sq - static_cast<acc_t>(qr[c])));
+        gq[b * C + c] = static_cast<scalar_t>(-scale * lp);
+      }
+    }
+  }
+}
+
+Tensor soft_cross_entropy_cpu(const Tensor& logits_in, const Tensor& soft_in) {
+  const Tensor logits = logits_in.contiguous();
+  const Tensor soft = soft_in.contiguous();
+  const int64_t B = logits.size(0), C = logits.size(1);
+  std::vector<double> partial(num_blocks(B, kBlock), 0.0);
+  OMNIFUSE_DISPATCH_FLOATS(logits.scalar_type(), "soft_cross_entropy", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* z = logits.const_data_ptr<scalar_t>();
+    const scalar_t* q = soft.const_data_ptr<scalar_t>();
+    for_blocks(B, kBlock, [&](int64_t blk, int64_t b0, int64_t b1) {
+      partial[blk] = static_cast<double>(soft_ce_rows<scalar_t, acc_t>(z, q, C, b0, b1));
+    });
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;  // blocks in order: deterministic
+  // sum / max(B, 1): an empty batch is a real 0
+  return at::scalar_tensor(total / static_cast<double>(std::max<int64_t>(B, 1)), logits.options());
+}
+
+std::tuple<Tensor, Tensor> soft_cross_entropy_backward_cpu(const Tensor& grad,
+                                                           const Tensor& logits_in,
+                                                           const Tensor& soft_in) {
+  const Tensor logits = logits_in.contiguous();
+  const Tensor soft = soft_in.contiguous();
+  const int64_t B = logits.size(0), C = logits.size(1);
+  const double scale = scalar_value(grad) / static_cast<double>(std::max<int64_t>(B, 1));
+  Tensor gz = empty_output_like(logits);
+  Tensor gq = empty_output_like(soft);
+  OMNIFUSE_DISPATCH_FLOATS(logits.scalar_type(), "soft_cross_entropy_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* z = logits.const_data_ptr<scalar_t>();
+    const scalar_t* q = soft.const_data_ptr<scalar_t>();
+    scalar_t* oz = gz.data_ptr<scalar_t>();
+    scalar_t* oq = gq.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+      soft_ce_grad_rows(oz, oq, z, q, C, static_cast<acc_t>(scale), b0, b1);
+    });
+  });
+  return {gz, gq};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(omnifuse_fast, CPU, m) {
+  m.impl("modality_mix", &modality_mix_cpu);
+  m.impl("modality_mix_backward", &modality_mix_backward_cpu);
+  m.impl("soft_cross_entropy", &soft_cross_entropy_cpu);
+  m.impl("soft_cross_entropy_backward", &soft_cross_entropy_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace omnifuse_fast
