@@ -5,7 +5,10 @@ each with a plain-PyTorch reference path and compiled fast paths (C++ CPU, Trito
 The semantics are those of SPEC.md; every op takes ``backend=`` ("auto" by default).
 """
 
-from omnifuse_fast import _ext  # noqa: F401  (loads the compiled ops, or warns once)
+from omnifuse_fast import (
+    _dispatch,
+    _ext,  # noqa: F401  (loads the compiled ops, or warns once)
+)
 from omnifuse_fast._checks import set_value_checks, value_checks_enabled
 from omnifuse_fast._dispatch import BACKENDS, available_backends
 from omnifuse_fast.api import OmniFuseClassifier
@@ -34,6 +37,8 @@ from omnifuse_fast.ops import (
 )
 
 __version__ = "0.1.0"
+
+_dispatch.preload()
 
 __all__ = [
     "BACKENDS",

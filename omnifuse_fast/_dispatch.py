@@ -111,6 +111,20 @@ def available_backends(device: torch.device | str = "cpu", op: str = "dwfuse_los
     return [b for b in BACKENDS if unavailable_reason(op, b, device) is None]
 
 
+def preload() -> None:
+    """Load the backends a process will use, at import time rather than at first call.
+
+    A first call made inside a ``torch.compile`` trace could not take the loader's lock or
+    import a module without breaking the graph; loading here keeps ``fullgraph=True`` true
+    from the very first call. Triton is loaded only where it can run on a GPU (its import is
+    slow, and on CPU it serves only the interpreter, which loads it lazily).
+    """
+    for backend in ("reference", "cpu"):
+        _load(backend)
+    if torch.cuda.is_available():
+        _load("triton")
+
+
 def triton_interpret() -> bool:
     """True when Triton kernels run in the interpreter (CPU tensors, for tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

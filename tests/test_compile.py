@@ -146,3 +146,18 @@ def test_inductor_end_to_end():
     assert counter.frame_count == 1
     assert_close(out, eager)
     assert_close(grad, eager_grad)
+
+
+def test_fullgraph_compile_as_the_very_first_call_of_a_fresh_process():
+    """No eager warm-up: the backends are loaded at import, so the first trace has no break."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, omnifuse_fast as o\n"
+        "f = torch.compile(o.dwfuse_loss, fullgraph=True, backend='eager')\n"
+        "z, y = torch.randn(4, 2, 3), torch.zeros(4, dtype=torch.long)\n"
+        "torch.testing.assert_close(f(z, y), o.dwfuse_loss(z, y, backend='reference'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
