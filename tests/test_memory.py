@@ -1,6 +1,8 @@
 """No memory growth: 1000 repeated calls of each op (forward and backward) on every backend.
 
-Resident set size comes from ``/proc/self/statm`` (Linux; the test skips elsewhere). Each op
+Memory in use is glibc's ``mallinfo2`` count of allocated heap and mmap bytes: unlike the
+resident set size (``/proc/self/statm``, the fallback), it grows with a leak even when the
+heap holds free memory left by earlier tests, which would absorb a leak without RSS moving. Each op
 is warmed up first (allocator caches, lazy loading, autograd's first-call setup), then called
 1000 more times; RSS may not grow by more than ``BOUND_MB`` over those calls. A leak of even
 1 KB per call would show as about 1 MB; a held autograd graph or a retained output per call
@@ -9,6 +11,8 @@ is far more. ``test_the_probe_sees_a_leak`` shows the probe catches a real one.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import os
 
@@ -25,7 +29,41 @@ STATM = "/proc/self/statm"
 pytestmark = pytest.mark.skipif(not os.path.exists(STATM), reason="needs /proc/self/statm")
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _mallinfo2():
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):  # not glibc >= 2.33
+        return None
+    fn.restype = _Mallinfo2
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
 def rss_mb() -> float:
+    """Bytes in use (mallinfo2: heap in use + mmapped chunks), else the resident set, in MB."""
+    if _MALLINFO2 is not None:
+        info = _MALLINFO2()
+        return (info.uordblks + info.hblkhd) / 2**20
     with open(STATM) as f:
         resident_pages = int(f.read().split()[1])
     return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
