@@ -27,6 +27,12 @@ _AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("cuda", "triton", "reference"),
 }
 
+# (op, backend, device type) that "auto" passes over when gradients are needed, because a
+# measured run found them slower than the next choice for fwd+bwd (benchmarks/NOTES.md):
+# the C++ CRA cascade recomputes the chain in its backward and loses to autograd on CPU,
+# though its forward alone (inference) is ~3x the reference.
+_AUTO_SKIP_WITH_GRAD: set[tuple[str, str, str]] = {("cra_forward", "cpu", "cpu")}
+
 # Modules whose import registers a backend's implementations (imported lazily, once).
 _LOADERS: dict[str, str] = {
     "reference": "omnifuse_fast.reference._register",
@@ -86,14 +92,17 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
     return None
 
 
-def resolve(op: str, backend: str, device: torch.device) -> Callable:
+def resolve(op: str, backend: str, device: torch.device, needs_grad: bool = False) -> Callable:
     """Return the implementation of ``op`` that ``backend`` names for tensors on ``device``.
 
     ``"auto"`` picks the first available backend of the device's order (falling back to
-    ``"reference"``); an explicit backend that cannot run raises ``RuntimeError`` saying why.
+    ``"reference"``), passing over those measured slower for fwd+bwd when ``needs_grad``;
+    an explicit backend that cannot run raises ``RuntimeError`` saying why.
     """
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
+            if needs_grad and (op, name, device.type) in _AUTO_SKIP_WITH_GRAD:
+                continue
             if unavailable_reason(op, name, device) is None:
                 return _impls[(op, name)]
         raise RuntimeError(f"no backend can run {op!r} on {device}")  # reference always can

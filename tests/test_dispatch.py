@@ -252,3 +252,26 @@ def test_threads_racing_the_first_lazy_load():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("ok") and "reference" in proc.stdout
+
+
+def test_auto_passes_over_the_cpu_cra_cascade_only_when_training():
+    """Measured: the C++ CRA backward loses to autograd on CPU; its forward alone wins."""
+    if "cpu" not in of.available_backends("cpu"):
+        pytest.skip("the cpu backend is not built")
+    device = torch.device("cpu")
+    assert (
+        _dispatch.resolve("cra_forward", "auto", device) is _dispatch._impls[("cra_forward", "cpu")]
+    )
+    assert (
+        _dispatch.resolve("cra_forward", "auto", device, needs_grad=True)
+        is _dispatch._impls[("cra_forward", "reference")]
+    )
+    # other ops keep the fast path for training; an explicit backend is always honoured
+    assert (
+        _dispatch.resolve("dwfuse_loss", "auto", device, needs_grad=True)
+        is _dispatch._impls[("dwfuse_loss", "cpu")]
+    )
+    assert (
+        _dispatch.resolve("cra_forward", "cpu", device, needs_grad=True)
+        is _dispatch._impls[("cra_forward", "cpu")]
+    )
