@@ -94,8 +94,7 @@ class MIMOBalancer(nn.Module):
             raise ValueError(
                 f"modality_losses must hold {self.num_modalities} losses, got {len(losses)}"
             )
-        values = torch.stack([loss.detach().float() for loss in losses])
-        worst = int(torch.argmax(values))
+        worst = int(torch.argmax(self._loss_values(losses)))
         if self.mode == "mgda":
             step = self._mgda(fusion_loss, losses, worst)
         else:
@@ -104,9 +103,21 @@ class MIMOBalancer(nn.Module):
         self.steps += 1
         return step
 
+    # The two hooks a distributed balancer overrides (train/distributed.py): everything else,
+    # the choice of w and the combination, is the same on one process and on many.
+    def _loss_values(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """The per-modality loss values that pick the worst modality."""
+        return torch.stack([loss.detach().float() for loss in losses])
+
+    def _grads(
+        self, loss: torch.Tensor, params: Sequence[nn.Parameter]
+    ) -> list[torch.Tensor | None]:
+        """``d loss / d params`` (None where the loss does not touch a parameter)."""
+        return _grads(loss, params)
+
     def _mimo(self, l0: torch.Tensor, losses: list[torch.Tensor], worst: int) -> MIMOStep:
         params = self._shared + self._fusion + self._heads[worst]
-        g0, gw = _grads(l0, params), _grads(losses[worst], params)
+        g0, gw = self._grads(l0, params), self._grads(losses[worst], params)
         touched = [i for i, (a, b) in enumerate(zip(g0, gw)) if a is not None or b is not None]
         if not touched:
             raise ValueError("neither the fusion loss nor the worst loss touches any parameter")
@@ -122,7 +133,7 @@ class MIMOBalancer(nn.Module):
 
     def _mgda(self, l0: torch.Tensor, losses: list[torch.Tensor], worst: int) -> MIMOStep:
         params = self._shared + self._fusion + [p for h in self._heads for p in h]
-        per_obj = [_grads(loss, params) for loss in [l0, *losses]]
+        per_obj = [self._grads(loss, params) for loss in [l0, *losses]]
         touched = [i for i in range(len(params)) if any(g[i] is not None for g in per_obj)]
         if not touched:
             raise ValueError("no objective touches any parameter")
@@ -142,7 +153,7 @@ class MIMOBalancer(nn.Module):
         for m, (loss, head) in enumerate(zip(losses, self._heads)):
             if m == skip or not head:
                 continue
-            for p, g in zip(head, _grads(loss, head)):
+            for p, g in zip(head, self._grads(loss, head)):
                 p.grad = None if g is None else g.detach()
 
     def extra_repr(self) -> str:

@@ -27,8 +27,6 @@ import torch.distributed as dist
 from torch import nn
 
 from omnifuse_fast.nn import MIMOBalancer
-from omnifuse_fast.nn.mimo import MIMOStep
-from omnifuse_fast.ops import mgda_min_norm, mimo_combine
 
 # Leaf terms of eq. 18 (the composites "dwfuse" and "total" are sums of these).
 LEAVES = ("forward", "backward", "enc", "ra", "ce", "tla")
@@ -210,28 +208,13 @@ class DistributedMIMOBalancer(MIMOBalancer):
     sum over ranks is the global loss (``n_r / n`` times the shard mean).
     """
 
-    def backward(
-        self, fusion_loss: torch.Tensor, modality_losses: Sequence[torch.Tensor] | torch.Tensor
-    ) -> MIMOStep:
-        """Write the global MIMO (or MGDA) direction to ``.grad`` on every rank."""
-        losses = list(modality_losses)
-        if len(losses) != self.num_modalities:
-            raise ValueError(
-                f"modality_losses must hold {self.num_modalities} losses, got {len(losses)}"
-            )
-        values = all_reduce_sum(torch.stack([loss.detach().double() for loss in losses]))
-        worst = int(torch.argmax(values))
-        if self.mode == "mgda":
-            params = self._shared + self._fusion + [p for h in self._heads for p in h]
-            step = self._combine_mgda(fusion_loss, losses, worst, params)
-        else:
-            step = self._combine_mimo(fusion_loss, losses, worst)
-        self.subroutine_seconds += step.seconds
-        self.steps += 1
-        return step
+    def _loss_values(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """The loss values summed over ranks (each rank's loss is pre-scaled)."""
+        return all_reduce_sum(torch.stack([loss.detach().double() for loss in losses]))
 
-    @staticmethod
-    def _global_grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
+    def _grads(
+        self, loss: torch.Tensor, params: Sequence[nn.Parameter]
+    ) -> list[torch.Tensor | None]:
         """``d loss / d params`` summed over ranks; None where no rank's loss touches it."""
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         used = torch.tensor([g is not None for g in grads], dtype=torch.int32, device=loss.device)
@@ -242,45 +225,3 @@ class DistributedMIMOBalancer(MIMOBalancer):
             parts = flat.split([g.numel() for g in full])
             full = [f.view_as(p).to(p.dtype) for f, p in zip(parts, params)]
         return [g if int(u) > 0 else None for g, u in zip(full, used.tolist())]
-
-    def _combine_mimo(self, l0: torch.Tensor, losses: list[torch.Tensor], worst: int) -> MIMOStep:
-        import time
-
-        params = self._shared + self._fusion + self._heads[worst]
-        g0, gw = self._global_grads(l0, params), self._global_grads(losses[worst], params)
-        touched = [i for i, (a, b) in enumerate(zip(g0, gw)) if a is not None or b is not None]
-        if not touched:
-            raise ValueError("neither the fusion loss nor the worst loss touches any parameter")
-        g0t = [g0[i] if g0[i] is not None else torch.zeros_like(params[i]) for i in touched]
-        gwt = [gw[i] if gw[i] is not None else torch.zeros_like(params[i]) for i in touched]
-        start = time.perf_counter()
-        direction, lam = mimo_combine(g0t, gwt, backend=self.backend)
-        seconds = time.perf_counter() - start
-        for i, d in zip(touched, direction):
-            params[i].grad = d.detach()
-        for m, (loss, head) in enumerate(zip(losses, self._heads)):
-            if m == worst or not head:
-                continue
-            for p, g in zip(head, self._global_grads(loss, head)):
-                p.grad = None if g is None else g.detach()
-        return MIMOStep(worst, torch.stack([lam, 1.0 - lam]).float(), seconds)
-
-    def _combine_mgda(
-        self, l0: torch.Tensor, losses: list[torch.Tensor], worst: int, params: list
-    ) -> MIMOStep:
-        import time
-
-        per_obj = [self._global_grads(loss, params) for loss in [l0, *losses]]
-        touched = [i for i in range(len(params)) if any(g[i] is not None for g in per_obj)]
-        if not touched:
-            raise ValueError("no objective touches any parameter")
-        grads = [
-            [g[i] if g[i] is not None else torch.zeros_like(params[i]) for i in touched]
-            for g in per_obj
-        ]
-        start = time.perf_counter()
-        weights, direction = mgda_min_norm(grads, backend=self.backend)
-        seconds = time.perf_counter() - start
-        for i, d in zip(touched, direction):
-            params[i].grad = d.detach()
-        return MIMOStep(worst, weights, seconds)
