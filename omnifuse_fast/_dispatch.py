@@ -15,11 +15,36 @@ import importlib
 import os
 import threading
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 BACKENDS: tuple[str, ...] = ("reference", "cpu", "triton", "cuda")
 """Every backend name a public op accepts, besides ``"auto"``."""
+
+OPS: dict[str, str] = {
+    "combination_ids": "tla",
+    "cra_forward": "cra",
+    "dwfuse_weights": "dwfuse",
+    "dwfuse_loss": "dwfuse",
+    "tla_stats": "tla",
+    "tla_loss": "tla",
+    "modality_mix": "mix",
+    "soft_cross_entropy": "mix",
+    "mimo_combine": "mimo",
+    "mgda_min_norm": "mimo",
+}
+"""The public ops (SPEC section 8), each with its family: the one list of their names."""
+
+FAMILIES: tuple[str, ...] = ("cra", "dwfuse", "tla", "mix", "mimo")
+
+
+class Choice(NamedTuple):
+    """What :func:`resolve` decided: the backend's name and its implementation."""
+
+    backend: str
+    impl: Callable
+
 
 # "auto" tries these in order for a device type; "reference" always closes the list.
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
@@ -47,6 +72,9 @@ _load_errors: dict[str, str] = {}
 _loaded: set[str] = set()
 _ready: set[str] = set()  # loaded (or failed): checked without the lock, which dynamo can't trace
 _lock = threading.RLock()
+# family -> backends that actually ran it since the last reset_backend_usage()
+_usage: dict[str, set[str]] = {}
+_fallbacks: dict[tuple[str, str], str] = {}  # (op, backend) -> why it handed over to another
 
 
 def register(op: str, backend: str, fn: Callable) -> None:
@@ -92,26 +120,65 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
     return None
 
 
-def resolve(op: str, backend: str, device: torch.device, needs_grad: bool = False) -> Callable:
-    """Return the implementation of ``op`` that ``backend`` names for tensors on ``device``.
+def resolve(op: str, backend: str, device: torch.device, needs_grad: bool = False) -> Choice:
+    """Decide which backend runs ``op`` on ``device``: returns its name and implementation.
 
     ``"auto"`` picks the first available backend of the device's order (falling back to
     ``"reference"``), passing over those measured slower for fwd+bwd when ``needs_grad``;
-    an explicit backend that cannot run raises ``RuntimeError`` saying why.
+    an explicit backend that cannot run raises ``RuntimeError`` saying why. The choice is
+    recorded per family (:func:`backend_usage`).
     """
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
             if needs_grad and (op, name, device.type) in _AUTO_SKIP_WITH_GRAD:
                 continue
             if unavailable_reason(op, name, device) is None:
-                return _impls[(op, name)]
+                return _chosen(op, name)
         raise RuntimeError(f"no backend can run {op!r} on {device}")  # reference always can
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     reason = unavailable_reason(op, backend, device)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} is not available for {op} on {device}: {reason}")
-    return _impls[(op, backend)]
+    return _chosen(op, backend)
+
+
+def _chosen(op: str, backend: str) -> Choice:
+    _record(op, backend)
+    return Choice(backend, _impls[(op, backend)])
+
+
+def _record(op: str, backend: str) -> None:
+    # plain Python bookkeeping: done eagerly, and at trace time under torch.compile
+    if not torch.compiler.is_compiling():
+        _usage.setdefault(OPS.get(op, op), set()).add(backend)
+
+
+def fallback(op: str, backend: str, to: str, reason: str) -> None:
+    """Report that ``backend`` handed ``op`` to ``to`` for this call, and why.
+
+    Backends call this instead of falling back silently: the usage record then names the
+    path that really ran, and :func:`fallback_reasons` says why.
+    """
+    if not torch.compiler.is_compiling():
+        _fallbacks[(op, backend)] = reason
+        family = OPS.get(op, op)
+        _usage.setdefault(family, set()).add(to)
+
+
+def fallback_reasons() -> dict[tuple[str, str], str]:
+    """``(op, backend) -> reason`` for every in-backend fallback reported so far."""
+    return dict(_fallbacks)
+
+
+def backend_usage() -> dict[str, str]:
+    """Per op family, the backend(s) that ran since :func:`reset_backend_usage` ("a+b")."""
+    return {f: "+".join(sorted(_usage[f])) for f in FAMILIES if f in _usage}
+
+
+def reset_backend_usage() -> None:
+    """Start a new usage record (e.g. at the start of training, or of evaluation)."""
+    _usage.clear()
 
 
 def available_backends(device: torch.device | str = "cpu", op: str = "dwfuse_loss") -> list[str]:

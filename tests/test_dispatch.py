@@ -45,7 +45,7 @@ def _off(reason):
 
 def test_reference_registered_for_every_op():
     for op in OPS:
-        assert _dispatch.resolve(op, "reference", CPU) is getattr(reference, op)
+        assert _dispatch.resolve(op, "reference", CPU).impl is getattr(reference, op)
 
 
 def test_auto_falls_back_to_reference_when_nothing_else(isolated):
@@ -53,7 +53,9 @@ def test_auto_falls_back_to_reference_when_nothing_else(isolated):
         _dispatch.set_availability(b, _off(f"{b} switched off for the test"))
     for device in ("cpu", "cuda", "meta"):
         for op in OPS:
-            assert _dispatch.resolve(op, "auto", torch.device(device)) is getattr(reference, op)
+            assert _dispatch.resolve(op, "auto", torch.device(device)).impl is getattr(
+                reference, op
+            )
     assert of.available_backends("cpu") == ["reference"]
 
 
@@ -63,10 +65,10 @@ def test_auto_prefers_an_available_fast_backend(isolated):
 
     _dispatch.set_availability("cpu", lambda device: None)
     _dispatch.register("dwfuse_loss", "cpu", fake)
-    assert _dispatch.resolve("dwfuse_loss", "auto", CPU) is fake
+    assert _dispatch.resolve("dwfuse_loss", "auto", CPU).impl is fake
     # an op the fast backend does not implement still falls back to the reference
     isolated.delitem(_dispatch._impls, ("tla_loss", "cpu"), raising=False)
-    assert _dispatch.resolve("tla_loss", "auto", CPU) is reference.tla_loss
+    assert _dispatch.resolve("tla_loss", "auto", CPU).impl is reference.tla_loss
 
     # CUDA tensors: cuda before triton, both before reference
     def fake_cuda(*args):
@@ -80,11 +82,11 @@ def test_auto_prefers_an_available_fast_backend(isolated):
     _dispatch.register("dwfuse_loss", "cuda", fake_cuda)
     _dispatch.register("dwfuse_loss", "triton", fake_triton)
     cuda = torch.device("cuda")
-    assert _dispatch.resolve("dwfuse_loss", "auto", cuda) is fake_cuda
+    assert _dispatch.resolve("dwfuse_loss", "auto", cuda).impl is fake_cuda
     isolated.delitem(_dispatch._impls, ("dwfuse_loss", "cuda"))
-    assert _dispatch.resolve("dwfuse_loss", "auto", cuda) is fake_triton
+    assert _dispatch.resolve("dwfuse_loss", "auto", cuda).impl is fake_triton
     isolated.delitem(_dispatch._impls, ("dwfuse_loss", "triton"))
-    assert _dispatch.resolve("dwfuse_loss", "auto", cuda) is reference.dwfuse_loss
+    assert _dispatch.resolve("dwfuse_loss", "auto", cuda).impl is reference.dwfuse_loss
 
 
 def test_public_op_with_auto_runs_reference_when_nothing_else(isolated):
@@ -134,7 +136,9 @@ def test_failed_loader_is_reported_not_fatal(isolated):
     # auto still works: it skips the broken backend
     for b in ("cuda", "cpu"):
         _dispatch.set_availability(b, _off("off"))
-    assert _dispatch.resolve("dwfuse_loss", "auto", torch.device("cuda")) is reference.dwfuse_loss
+    assert (
+        _dispatch.resolve("dwfuse_loss", "auto", torch.device("cuda")).impl is reference.dwfuse_loss
+    )
 
 
 def test_backend_without_the_op_is_explained(isolated):
@@ -260,18 +264,19 @@ def test_auto_passes_over_the_cpu_cra_cascade_only_when_training():
         pytest.skip("the cpu backend is not built")
     device = torch.device("cpu")
     assert (
-        _dispatch.resolve("cra_forward", "auto", device) is _dispatch._impls[("cra_forward", "cpu")]
+        _dispatch.resolve("cra_forward", "auto", device).impl
+        is _dispatch._impls[("cra_forward", "cpu")]
     )
     assert (
-        _dispatch.resolve("cra_forward", "auto", device, needs_grad=True)
+        _dispatch.resolve("cra_forward", "auto", device, needs_grad=True).impl
         is _dispatch._impls[("cra_forward", "reference")]
     )
     # other ops keep the fast path for training; an explicit backend is always honoured
     assert (
-        _dispatch.resolve("dwfuse_loss", "auto", device, needs_grad=True)
+        _dispatch.resolve("dwfuse_loss", "auto", device, needs_grad=True).impl
         is _dispatch._impls[("dwfuse_loss", "cpu")]
     )
     assert (
-        _dispatch.resolve("cra_forward", "cpu", device, needs_grad=True)
+        _dispatch.resolve("cra_forward", "cpu", device, needs_grad=True).impl
         is _dispatch._impls[("cra_forward", "cpu")]
     )

@@ -84,7 +84,7 @@ def test_import_without_the_extension_warns_once_and_runs_reference():
         print(json.dumps(dict(
             runtime=runtime, has_ext=_ext.HAS_EXTENSION, equal=bool(torch.equal(auto, ref)),
             backends=backends, cpu_error=cpu_error,
-            impl=_dispatch.resolve("dwfuse_loss", "auto", torch.device("cpu")).__module__,
+            impl=_dispatch.resolve("dwfuse_loss", "auto", torch.device("cpu")).impl.__module__,
         )))
         """
     )

@@ -51,5 +51,5 @@ def cra_forward(
     _checks.same_dtype(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
     _checks.finite("x", x)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2))
-    impl = _dispatch.resolve("cra_forward", backend, device, needs_grad=needs_grad)
+    impl = _dispatch.resolve("cra_forward", backend, device, needs_grad=needs_grad).impl
     return impl(x, w1, b1, w2, b2, activation)

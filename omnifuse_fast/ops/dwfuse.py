@@ -38,7 +38,7 @@ def dwfuse_weights(
         ``omega [B, M]`` (``[B, M, C]`` multilabel) in the logits' dtype.
     """
     labels, beta, device = _validate(modality_logits, labels, beta)
-    impl = _dispatch.resolve("dwfuse_weights", backend, device)
+    impl = _dispatch.resolve("dwfuse_weights", backend, device).impl
     return impl(modality_logits, labels, beta)
 
 
@@ -57,5 +57,5 @@ def dwfuse_loss(
     labels, beta, device = _validate(modality_logits, labels, beta)
     if not isinstance(detach_weight, bool):
         raise TypeError(f"detach_weight must be a bool, got {type(detach_weight).__name__}")
-    impl = _dispatch.resolve("dwfuse_loss", backend, device)
+    impl = _dispatch.resolve("dwfuse_loss", backend, device).impl
     return impl(modality_logits, labels, beta, detach_weight)

@@ -22,7 +22,7 @@ def mimo_combine(
     _checks.grad_lists("g0", g0, "gw", gw)
     _checks.finite_list("g0", g0)
     _checks.finite_list("gw", gw)
-    impl = _dispatch.resolve("mimo_combine", backend, g0[0].device)
+    impl = _dispatch.resolve("mimo_combine", backend, g0[0].device).impl
     return impl(list(g0), list(gw))
 
 
@@ -38,5 +38,5 @@ def mgda_min_norm(
     for t, g in enumerate(grads):
         _checks.grad_lists("grads[0]", grads[0], f"grads[{t}]", g)
         _checks.finite_list(f"grads[{t}]", g)
-    impl = _dispatch.resolve("mgda_min_norm", backend, grads[0][0].device)
+    impl = _dispatch.resolve("mgda_min_norm", backend, grads[0][0].device).impl
     return impl([list(g) for g in grads])

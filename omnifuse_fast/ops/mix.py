@@ -53,7 +53,7 @@ def modality_mix(
             ):
                 raise ValueError("weights must be on the simplex: >= 0 and summing to 1 over M")
         weights = weights.float().expand(bsz, nmod).contiguous()
-    impl = _dispatch.resolve("modality_mix", backend, device)
+    impl = _dispatch.resolve("modality_mix", backend, device).impl
     return impl(v, labels, src.long(), num_classes, weights)
 
 
@@ -67,5 +67,5 @@ def soft_cross_entropy(
     _checks.same_dtype(logits=logits, soft_labels=soft_labels)
     _checks.finite("logits", logits)
     _checks.finite("soft_labels", soft_labels)
-    impl = _dispatch.resolve("soft_cross_entropy", backend, device)
+    impl = _dispatch.resolve("soft_cross_entropy", backend, device).impl
     return impl(logits, soft_labels)

@@ -10,7 +10,7 @@ from omnifuse_fast import _checks, _dispatch
 def combination_ids(present: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``comb[b] = sum_m present[b, m] << m``: int64 ``[B]`` in ``1 .. 2**M - 1``."""
     _checks.present_mask("present", present)
-    impl = _dispatch.resolve("combination_ids", backend, present.device)
+    impl = _dispatch.resolve("combination_ids", backend, present.device).impl
     return impl(present)
 
 
@@ -51,7 +51,7 @@ def tla_stats(
     _checks.num_modalities(num_modalities)
     comb, device = _logits_labels_comb(logits, labels, comb, num_modalities)
     _checks.choice("distance", distance, _checks.DISTANCES)
-    impl = _dispatch.resolve("tla_stats", backend, device)
+    impl = _dispatch.resolve("tla_stats", backend, device).impl
     return impl(logits, labels, comb, num_modalities, distance)
 
 
@@ -69,5 +69,5 @@ def tla_loss(
     if lazy > (1 << _checks.MAX_MODALITIES) - 1:
         raise ValueError(f"lazy must be a combination id in 1..255, got {lazy}")
     comb, device = _logits_labels_comb(logits, labels, comb, None)
-    impl = _dispatch.resolve("tla_loss", backend, device)
+    impl = _dispatch.resolve("tla_loss", backend, device).impl
     return impl(logits, labels, comb, lazy)
