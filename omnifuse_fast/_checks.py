@@ -20,6 +20,14 @@ MIN_MODALITIES, MAX_MODALITIES = 2, 8
 _value_checks = True
 
 
+class NonFiniteInputError(ValueError):
+    """An input holds NaN or inf; the message names the argument.
+
+    A ``ValueError``, so callers that catch bad input keep working; the trainer catches this
+    type to explain a mid-training blow-up (see ``omnifuse_fast.train.finite``).
+    """
+
+
 def set_value_checks(enabled: bool) -> None:
     """Turn the value checks (label/index ranges, finiteness) on or off for every op."""
     global _value_checks
@@ -111,7 +119,7 @@ def real(name: str, v: object, lo: float | None = None, hi: float | None = None)
         raise TypeError(f"{name} must be a float, got {type(v).__name__}")
     v = float(v)
     if v != v or v in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be finite, got {v}")
+        raise NonFiniteInputError(f"{name} must be finite, got {v}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {v}")
     return v
@@ -126,7 +134,7 @@ def choice(name: str, v: object, options: Sequence[str]) -> str:
 def finite(name: str, t: torch.Tensor) -> None:
     """Value check: no NaN or inf in ``t``."""
     if value_checks_enabled() and t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite; it holds NaN or inf ({_describe(t)})")
+        raise NonFiniteInputError(f"{name} must be finite; it holds NaN or inf ({_describe(t)})")
 
 
 def finite_list(name: str, tensors: Sequence[torch.Tensor]) -> None:
@@ -135,7 +143,17 @@ def finite_list(name: str, tensors: Sequence[torch.Tensor]) -> None:
         ok = torch.stack([torch.isfinite(t).all() for t in tensors])
         if not bool(ok.all()):
             i = int((~ok).nonzero()[0, 0])
-            raise ValueError(f"{name}[{i}] must be finite; it holds NaN or inf")
+            raise NonFiniteInputError(f"{name}[{i}] must be finite; it holds NaN or inf")
+
+
+def cra_width(x: torch.Tensor, w1: torch.Tensor) -> None:
+    """``x [B, F]`` and ``w1 [K, H, F]`` agree on the width F = M*D (nn.Linear convention)."""
+    if x.shape[1] != w1.shape[2]:
+        raise ValueError(
+            f"x and w1 disagree on the width F: x is [B, F] with F = M*D = {x.shape[1]} "
+            f"({_describe(x)}), but w1's last dim is {w1.shape[2]} ({_describe(w1)}); "
+            "F must equal w1's last dim"
+        )
 
 
 def in_range(name: str, t: torch.Tensor, lo: int, hi: int, what: str = "values") -> None:

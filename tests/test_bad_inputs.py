@@ -645,6 +645,32 @@ def test_unavailable_backend_is_a_runtime_error_with_the_reason():
         of.tla_loss(z2(), y(), comb(), 1, backend="triton")
 
 
+@pytest.mark.parametrize(
+    "over,x_width,w1_width",
+    [(dict(x=torch.randn(B, F + 1)), F + 1, F), (dict(w1=torch.randn(K, H, F + 1)), F, F + 1)],
+    ids=["x-odd", "w1-odd"],
+)
+def test_cra_width_mismatch_names_x_and_w1_and_the_rule(over, x_width, w1_width):
+    """Either side may be the odd one out: the message names both widths and the rule."""
+    with pytest.raises(ValueError) as err:
+        of.cra_forward(**cra_args(**over), backend="reference")
+    msg = str(err.value)
+    assert msg.startswith("x and w1 disagree"), msg
+    assert f"F = M*D = {x_width}" in msg and f"w1's last dim is {w1_width}" in msg
+    assert "F must equal w1's last dim" in msg
+
+
+def test_non_finite_inputs_raise_non_finite_input_error():
+    """One exception type for NaN/inf input (a ValueError), that callers can catch by type."""
+    assert issubclass(_checks.NonFiniteInputError, ValueError)
+    with pytest.raises(_checks.NonFiniteInputError, match="x must be finite"):
+        of.cra_forward(**cra_args(x=nan_at(torch.randn(B, F))), backend="reference")
+    with pytest.raises(_checks.NonFiniteInputError, match=r"g0\[0\] must be finite"):
+        _checks.finite_list("g0", [torch.tensor([float("inf")])])
+    with pytest.raises(_checks.NonFiniteInputError, match="alpha must be finite"):
+        _checks.real("alpha", float("nan"))
+
+
 # --- value checks switched off ----------------------------------------------------------------
 
 
