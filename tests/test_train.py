@@ -208,3 +208,26 @@ def test_config_rejects_bad_values():
     base = TrainConfig(method="concat")
     assert not (base.use_dwfuse or base.use_tla or base.use_imp_forward or base.use_imp_backward)
     assert base.lambdas == (1.0, 1.0, 1.0)
+
+
+def test_result_reports_the_backend_that_ran_per_family(tmp_path):
+    """``backend`` is what was asked for; ``backends_train`` / ``backends_eval`` say, per op
+    family, what actually ran (auto on CPU: the C++ CRA only where no gradient is needed)."""
+    from omnifuse_fast import _dispatch
+
+    result = Trainer(_config(epochs=1), tmp_path, synthetic_splits()).fit()
+    assert result["backend"] == "reference"
+    assert result["backends_train"] == dict.fromkeys(("cra", "dwfuse", "tla"), "reference")
+    assert result["backends_eval"] == dict.fromkeys(("cra", "tla"), "reference")
+    stored = json.loads((tmp_path / "metrics.json").read_text())
+    assert stored["backends_train"] == result["backends_train"]
+
+    auto = Trainer(_config(epochs=1, backend="auto"), None, synthetic_splits()).fit()
+    cpu = torch.device("cpu")
+    with_grad = _dispatch.resolve("cra_forward", "auto", cpu, needs_grad=True).backend
+    without = _dispatch.resolve("cra_forward", "auto", cpu, needs_grad=False).backend
+    assert auto["backend"] == "auto"
+    assert auto["backends_train"]["cra"] == with_grad
+    assert auto["backends_eval"]["cra"] == without
+    if "cpu" in _dispatch.available_backends(cpu, "cra_forward"):
+        assert (with_grad, without) == ("reference", "cpu")  # the case the old report got wrong
