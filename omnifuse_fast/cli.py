@@ -9,39 +9,18 @@ object with the test metrics; it writes ``checkpoint.pt``, ``metrics.json`` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from omnifuse_fast._dispatch import BACKENDS
-from omnifuse_fast.train.config import METHODS
+from omnifuse_fast.train.config import METHODS, TrainConfig
 
 PROG = "omnifuse-fast"
-# Flags that --resume takes from the checkpoint instead (dest names).
-_RUN_SETTINGS = (
-    "missing_rate",
-    "noise_views",
-    "noise_std",
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "seed",
-    "method",
-    "no_dwfuse",
-    "no_tla",
-    "no_imp_forward",
-    "no_imp_backward",
-    "tla_mode",
-    "dim",
-    "num_blocks",
-    "drop_rate",
-    "mm_stage1_epochs",
-    "mimo_mode",
-    "backend",
-    "device",
-)
 
 
 def _number(kind: type, lo: float | None = None, hi: float | None = None, hi_open=False):
@@ -93,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=f"{PROG} train",
         usage=f"{PROG} train [options]  (see --help)",
         description="Train on the built-in UCI multiple-features data (6 views, 10 classes). "
-        "With --resume, the run's settings come from its checkpoint; only --epochs "
-        "(the new end), --quiet and --threads may be given.",
+        "With --resume, the run's settings come from its checkpoint: settings given again "
+        "must equal them, except --epochs (the new end).",
     )
     d = t.add_argument_group("data")
     d.add_argument(
@@ -223,43 +202,53 @@ def _add_predict_parser(sub) -> None:
     p.set_defaults(handler=_predict, subparser=p)
 
 
+def _given_settings(args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
+    """The run settings given on the command line: ``{"--flag": (TrainConfig field, value)}``.
+
+    A flag is a setting when its destination is a :class:`TrainConfig` field (``--lr`` ->
+    ``lr``) or an ablation ``--no-X`` (-> ``use_X = False``): the parser is the one list.
+    """
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {}
+    for dest, value in vars(args).items():
+        field = "use_" + dest.removeprefix("no_") if dest.startswith("no_") else dest
+        if field in fields and value is not None and value is not False:
+            given["--" + dest.replace("_", "-")] = (field, False if field != dest else value)
+    return given
+
+
 def _config_values(args: argparse.Namespace) -> dict:
-    method = args.method or "omnifuse"
-    ablations = [
-        f for f in ("no_dwfuse", "no_tla", "no_imp_forward", "no_imp_backward") if getattr(args, f)
-    ]
-    if method != "omnifuse" and ablations:
-        flag = "--" + ablations[0].replace("_", "-")
-        raise ValueError(f"{flag} only applies to --method omnifuse")
-    values = {
-        "method": method,
-        "use_dwfuse": not args.no_dwfuse,
-        "use_tla": not args.no_tla,
-        "use_imp_forward": not args.no_imp_forward,
-        "use_imp_backward": not args.no_imp_backward,
-    }
-    for name in (
-        "missing_rate",
-        "noise_std",
-        "epochs",
-        "batch_size",
-        "lr",
-        "weight_decay",
-        "seed",
-        "tla_mode",
-        "dim",
-        "num_blocks",
-        "drop_rate",
-        "mm_stage1_epochs",
-        "mimo_mode",
-        "backend",
-        "device",
-    ):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    if args.noise_views is not None:
-        values["noise_views"] = args.noise_views
+    given = _given_settings(args)
+    values = {field: value for field, value in given.values()}
+    values.setdefault("method", "omnifuse")
+    ablations = [flag for flag, (field, _) in given.items() if field.startswith("use_")]
+    if values["method"] != "omnifuse" and ablations:
+        raise ValueError(f"{ablations[0]} only applies to --method omnifuse")
     return values
+
+
+def _resume_conflict(args: argparse.Namespace, stored: dict[str, Any]) -> str | None:
+    """The first setting given with ``--resume`` that differs from the run's checkpoint.
+
+    Settings equal to the checkpoint's are accepted (the same command with ``--resume``
+    appended continues the run); ``--epochs`` is the new end and may change.
+    """
+    run = TrainConfig.from_dict(stored).to_dict()
+    for flag, (field, value) in _given_settings(args).items():
+        if field == "epochs":
+            continue
+        try:  # compare as the config stores it (tuples, floats, the baselines' fixed fields)
+            asked = TrainConfig.from_dict({**stored, field: value}).to_dict()[field]
+        except ValueError:
+            asked = value
+        if asked != run[field]:
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            given = flag if value is False else f"{flag} {shown}"
+            return (
+                f"{given} conflicts with the run being resumed ({field} = {run[field]!r} in its "
+                "checkpoint); drop it, or train a new run in another --out"
+            )
+    return None
 
 
 def _check_backend(backend: str, device: str, parser: argparse.ArgumentParser) -> None:
@@ -285,7 +274,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     import torch
 
-    from omnifuse_fast.train import CheckpointError, TrainConfig, Trainer
+    from omnifuse_fast.train import CheckpointError, Trainer, load_checkpoint
+    from omnifuse_fast.train.checkpoint import CHECKPOINT
 
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -297,19 +287,17 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if getattr(args, flag) is not None:
             parser.error(f"--{flag.replace('_', '-')} needs --data FILE")
     if args.resume:
-        given = [n for n in _RUN_SETTINGS if getattr(args, n) not in (None, False)]
-        if given:
-            parser.error(
-                f"--{given[0].replace('_', '-')} cannot be given with --resume "
-                "(the run's settings come from its checkpoint)"
-            )
         if args.out is None:
             parser.error("--resume needs --out DIR (the run to continue)")
         try:
-            trainer = Trainer.resume(args.out, args.epochs, progress=progress, log=log)
+            stored = load_checkpoint(args.out / CHECKPOINT)["config"]
         except CheckpointError as exc:
             print(f"{PROG} train: error: {exc}", file=sys.stderr)
             return 1
+        conflict = _resume_conflict(args, stored)
+        if conflict is not None:
+            parser.error(conflict)
+        trainer = Trainer.resume(args.out, args.epochs, progress=progress, log=log)
         if trainer.epoch >= trainer.config.epochs and log is not None:
             log(f"the run in {args.out} already has {trainer.epoch} epochs; testing it")
     else:
