@@ -22,6 +22,7 @@ from omnifuse_fast.data import (
     standardize,
     stratified_split,
 )
+from omnifuse_fast.data.split import fit_scaler, scale, split_rows
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,35 @@ def test_stratified_split_other_fractions(mfeat):
     tr, va, te = stratified_split(mfeat.labels, (0.8, 0.1, 0.1), seed=0)
     assert (len(tr), len(va), len(te)) == (1600, 200, 200)
     assert np.bincount(mfeat.labels[va], minlength=10).tolist() == [20] * 10
+
+
+def test_split_rows_serves_the_builtin_data_and_the_classifier(mfeat):
+    """One split implementation: the built-in data's and users' (any labels, no held-out
+    rows, classes too small to stratify, multilabel matrices)."""
+    same = zip(split_rows(mfeat.labels, 0.2, 0.2, 1), stratified_split(mfeat.labels, seed=1))
+    assert all(np.array_equal(a, b) for a, b in same)
+    tr, va, te = split_rows(np.arange(10) % 2, 0.0, 0.0)
+    assert tr.tolist() == list(range(10)) and va.size == te.size == 0
+    y = np.array(["a"] * 9 + ["b"])  # "b" has one row: split without stratification
+    tr, va, te = split_rows(y, 0.05, 0.2, seed=0)
+    assert (tr.size, va.size, te.size) == (7, 1, 2)
+    tr, va, te = split_rows(np.eye(4)[np.arange(20) % 4], 0.25, 0.25)  # multilabel [N, C]
+    assert (tr.size, va.size, te.size) == (10, 5, 5)
+    assert sorted(np.concatenate([tr, va, te]).tolist()) == list(range(20))
+    with pytest.raises(ValueError, match="no training rows"):
+        split_rows(np.arange(4) % 2, 0.5, 0.5)
+
+
+def test_fit_scaler_keeps_the_statistics_of_observed_training_rows(mfeat):
+    """What the classifier stores and re-applies at predict time (``scale``)."""
+    tr, _, _ = stratified_split(mfeat.labels, seed=0)
+    observed = np.random.default_rng(0).random((mfeat.num_samples, 6)) > 0.3
+    means, stds = fit_scaler(mfeat.views, tr, observed)
+    z = scale(mfeat.views, means, stds)
+    for m, v in enumerate(mfeat.views):
+        rows = tr[observed[tr, m]]
+        assert np.allclose(means[m], v[rows].mean(axis=0)) and means[m].dtype == np.float64
+        assert z[m].dtype == np.float32 and np.abs(z[m][rows].mean(axis=0)).max() < 1e-4
 
 
 def test_standardize_uses_training_statistics(mfeat):

@@ -13,7 +13,13 @@ from omnifuse_fast.data.mfeat import (
     load_mfeat,
 )
 from omnifuse_fast.data.prepare import MultiViewSplit, prepare_mfeat
-from omnifuse_fast.data.split import standardize, stratified_split
+from omnifuse_fast.data.split import (
+    fit_scaler,
+    scale,
+    split_rows,
+    standardize,
+    stratified_split,
+)
 
 __all__ = [
     "NUM_CLASSES",
@@ -22,9 +28,12 @@ __all__ = [
     "MultiViewDataset",
     "MultiViewSplit",
     "add_noise",
+    "fit_scaler",
     "load_mfeat",
     "missing_mask",
     "prepare_mfeat",
+    "scale",
+    "split_rows",
     "standardize",
     "stratified_split",
 ]
