@@ -250,16 +250,6 @@ def test_tla_low_precision(dtype):
 # --------------------------------------------------------------------------------- MM mix
 
 
-@pytest.fixture(params=["deterministic", "atomic"])
-def scatter_mode(request):
-    from omnifuse_fast.triton import mix
-
-    before = mix.scatter_mode()
-    mix.set_scatter_mode(request.param)
-    yield request.param
-    mix.set_scatter_mode(before)
-
-
 def mix_inputs(bsz, nmod, dim, ncls, seed=0, dtype=torch.float32):
     v = randn(bsz, nmod, dim, seed=seed, dtype=dtype)
     y = torch.randint(0, ncls, (bsz,), generator=gen(seed + 1))
@@ -268,7 +258,7 @@ def mix_inputs(bsz, nmod, dim, ncls, seed=0, dtype=torch.float32):
 
 @pytest.mark.parametrize("weights", [None, "shared", "per-sample"])
 @pytest.mark.parametrize("nmod", [2, 3, 8])
-def test_modality_mix(nmod, weights, scatter_mode):
+def test_modality_mix(nmod, weights):
     v, y, src = mix_inputs(11, nmod, 5, 4, seed=nmod)
     src[:, :4] = src[:, 4:8]  # repeated sources: the backward really sums
     if weights == "shared":
@@ -281,7 +271,7 @@ def test_modality_mix(nmod, weights, scatter_mode):
     check("modality_mix", [v, y, src, 4, w], diff=diff)
 
 
-def test_modality_mix_one_source_everywhere_and_wide_rows(scatter_mode):
+def test_modality_mix_one_source_everywhere_and_wide_rows():
     v, y, _ = mix_inputs(6, 8, 300, 3, seed=16)  # D = 300 > the 256-wide D tile
     src = torch.zeros(8, 6, dtype=torch.int64)  # every mixed row reads sample 0
     check("modality_mix", [v, y, src, 3], diff=(0,))
@@ -298,9 +288,6 @@ def test_modality_mix_shared_label_is_exactly_hard():
 
 
 def test_modality_mix_backward_is_deterministic():
-    from omnifuse_fast.triton import mix
-
-    assert mix.scatter_mode() == "deterministic"  # the documented default
     v, y, _ = mix_inputs(40, 3, 6, 3, seed=18)
     src = torch.randint(0, 5, (3, 40), generator=gen(19))  # heavy repetition
     grads = []
@@ -313,7 +300,7 @@ def test_modality_mix_backward_is_deterministic():
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-def test_modality_mix_low_precision(dtype, scatter_mode):
+def test_modality_mix_low_precision(dtype):
     v, y, src = mix_inputs(10, 4, 7, 3, seed=21, dtype=dtype)
     src[1, :5] = 0
     check("modality_mix", [v, y, src, 3], diff=(0,), dtype=dtype)
@@ -591,9 +578,7 @@ def test_every_kernel_compiles_for_sm90(monkeypatch):
     of.combination_ids(torch.ones(8, 3, dtype=torch.bool), backend="triton")
     v, y, src = mix_inputs(64, 4, 256, 10)
     w = torch.full((64, 4), 0.25).requires_grad_()
-    for mode in mix.SCATTER_MODES:
-        monkeypatch.setattr(mix, "_scatter_mode", mode)
-        backward(*of.modality_mix(v.requires_grad_(), y, src, 10, w, backend="triton"))
+    backward(*of.modality_mix(v.requires_grad_(), y, src, 10, w, backend="triton"))
     q = torch.softmax(randn(256, 10), 1).requires_grad_()
     backward(of.soft_cross_entropy(z, q, backend="triton"))
     g0 = [t.requires_grad_() for t in grad_list(1)]
@@ -604,7 +589,7 @@ def test_every_kernel_compiles_for_sm90(monkeypatch):
         "_cra_forward_kernel", "_cra_backward_kernel", "_cra_weight_grad_kernel",
         "_dwfuse_mc_kernel", "_dwfuse_ml_kernel",
         "_combination_ids_kernel", "_tla_kernel", "_bin_reduce_kernel",
-        "_mix_kernel", "_link_kernel", "_gather_back_kernel", "_scatter_atomic_kernel",
+        "_mix_kernel", "_link_kernel", "_gather_back_kernel",
         "_weights_back_kernel", "_soft_ce_kernel",
         "_multi_dot_kernel", "_multi_lincomb_kernel",
     }  # fmt: skip

@@ -149,19 +149,9 @@ def test_tla_many_classes():
 # --------------------------------------------------------------------------------- mix
 
 
-@pytest.fixture(params=["deterministic", "atomic"])
-def scatter_mode(request):
-    from omnifuse_fast.triton import mix
-
-    before = mix.scatter_mode()
-    mix.set_scatter_mode(request.param)
-    yield request.param
-    mix.set_scatter_mode(before)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("weighted", [False, True])
-def test_modality_mix(weighted, dtype, scatter_mode):
+def test_modality_mix(weighted, dtype):
     bsz, nmod = 4096, 4
     v = randn(bsz, nmod, 256, seed=12, dtype=dtype)
     y = randint(0, 10, (bsz,), seed=13)

@@ -4,19 +4,13 @@
 (one program per block of mixed samples, all M modalities of each in the program, so "all
 sources share a label" is decided in registers and gives an exact hard label).
 
-Its backward is a scatter-add into ``v`` (several mixed rows may read one source). Two
-variants, chosen with :func:`set_scatter_mode`:
-
-* ``"deterministic"`` (default): sort-free. A one-program-per-modality scan links every mixed
-  row to the previous mixed row that read the same source (``prev``) and records the last one
-  (``last``); then one program per block of *source* rows walks its list and sums the rows in
-  a fixed order, in fp32, and writes each gradient row exactly once. Bitwise reproducible, no
-  fp32 scratch buffer, no zero fill, no cast pass; the scan is O(B) per modality.
-* ``"atomic"``: fp32 ``atomic_add`` of every mixed row into an fp32 buffer (then a cast for
-  bf16/fp16). Simple, but the summation order of repeated sources varies from run to run.
-
-The deterministic variant is the default: reproducible gradients matter more to the
-experiments than the few microseconds the scan costs, and it also moves fewer bytes.
+Its backward is a scatter-add into ``v`` (several mixed rows may read one source), done
+sort-free and deterministically: a one-program-per-modality scan links every mixed row to the
+previous mixed row that read the same source (``prev``) and records the last one (``last``);
+then one program per block of *source* rows walks its list and sums the rows in a fixed order,
+in fp32, and writes each gradient row exactly once. Bitwise reproducible, no fp32 scratch
+buffer, no zero fill, no cast pass; the scan is O(B) per modality. (An ``atomic_add`` variant
+was dropped: its summation order varies from run to run, and it moved more bytes.)
 """
 
 from __future__ import annotations
@@ -37,21 +31,7 @@ from omnifuse_fast.triton._common import (
     use_reference,
 )
 
-SCATTER_MODES = ("deterministic", "atomic")
-_scatter_mode = "deterministic"
 _TILE = 4096
-
-
-def set_scatter_mode(mode: str) -> None:
-    """Backward of ``modality_mix``: ``"deterministic"`` (default) or ``"atomic"``."""
-    global _scatter_mode
-    if mode not in SCATTER_MODES:
-        raise ValueError(f"mode must be one of {SCATTER_MODES}, got {mode!r}")
-    _scatter_mode = mode
-
-
-def scatter_mode() -> str:
-    return _scatter_mode
 
 
 # ------------------------------------------------------------------------------ forward
@@ -163,19 +143,6 @@ def _gather_back_kernel(
         b = tl.load(prev_ptr + m * B + b, mask=live, other=-1).to(tl.int64)
     out = out_ptr + (s[:, None] * M + m) * D + d[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ok_s[:, None] & ok_d)
-
-
-@jit
-def _scatter_atomic_kernel(
-    g_ptr, src_ptr, out_ptr, B, M, D, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr
-):
-    m = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ok = (b[:, None] < B) & (d[None, :] < D)
-    s = tl.load(src_ptr + m * B + b, mask=b < B, other=0)
-    g = tl.load(g_ptr + (b[:, None] * M + m) * D + d[None, :], mask=ok, other=0.0)
-    tl.atomic_add(out_ptr + (s[:, None] * M + m) * D + d[None, :], g.to(tl.float32), mask=ok)
 
 
 @jit
@@ -309,27 +276,10 @@ def _mix_op(
 
 
 @triton_op("omnifuse_fast_triton::modality_mix_backward", mutates_args=())
-def _mix_backward_op(grad_v_mix: torch.Tensor, src: torch.Tensor, mode: str) -> torch.Tensor:
+def _mix_backward_op(grad_v_mix: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     bsz, m, d = grad_v_mix.shape
     grad_v_mix, src = grad_v_mix.contiguous(), src.contiguous()
     block_d = min(next_pow2(d), 1024)
-    if mode == "atomic":
-        acc = torch.zeros(grad_v_mix.shape, dtype=torch.float32, device=src.device)
-        block_b = max(1, min(next_pow2(bsz), 2048 // block_d))
-        grid = (triton.cdiv(bsz, block_b), m, triton.cdiv(d, block_d))
-        launch(
-            _scatter_atomic_kernel,
-            grid,
-            grad_v_mix,
-            src,
-            acc,
-            bsz,
-            m,
-            d,
-            BLOCK_B=block_b,
-            BLOCK_D=block_d,
-        )
-        return acc.to(grad_v_mix.dtype)
     last = torch.full((m, bsz), -1, dtype=torch.int32, device=src.device)
     prev = torch.empty((m, bsz), dtype=torch.int32, device=src.device)
     launch(_link_kernel, (m,), src, last, prev, bsz, BLOCK=min(next_pow2(bsz), 128), num_warps=8)
@@ -386,7 +336,7 @@ def _mix_backward(ctx, grad_v_mix, grad_soft):
     labels, src = ctx.saved_tensors
     grad_v = grad_w = None
     if ctx.needs_input_grad[0]:
-        grad_v = _mix_backward_op(grad_v_mix, src, _scatter_mode)
+        grad_v = _mix_backward_op(grad_v_mix, src)
     if ctx.has_weights and ctx.needs_input_grad[4]:
         grad_w = _mix_weights_backward_op(grad_soft, labels, src)
     return grad_v, None, None, None, grad_w
