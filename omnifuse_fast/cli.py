@@ -79,73 +79,63 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--missing-rate",
         type=_number(float, 0.0, 1.0, hi_open=True),
-        default=None,
         help="probability that a view of a sample is missing, in [0, 1) (default 0.5)",
     )
     d.add_argument(
         "--noise-views",
         type=_views,
-        default=None,
         help="comma-separated views (names fou,fac,kar,pix,zer,mor or indices) "
         "to corrupt with Gaussian noise",
     )
     d.add_argument(
         "--noise-std",
         type=_number(float, 0.0),
-        default=None,
         help="noise standard deviation in standardized units (default 0)",
     )
     _add_data_args(d, train=True)
     o = t.add_argument_group("optimization")
-    o.add_argument("--epochs", type=_number(int, 1), default=None, help="epochs (default 40)")
-    o.add_argument("--batch-size", type=_number(int, 1), default=None, help="default 64")
-    o.add_argument(
-        "--lr", type=_number(float, 0.0), default=None, help="AdamW learning rate (default 1e-3)"
-    )
-    o.add_argument("--weight-decay", type=_number(float, 0.0), default=None)
-    o.add_argument("--seed", type=_number(int, 0), default=None, help="seed of data and model")
+    o.add_argument("--epochs", type=_number(int, 1), help="epochs (default 40)")
+    o.add_argument("--batch-size", type=_number(int, 1), help="default 64")
+    o.add_argument("--lr", type=_number(float, 0.0), help="AdamW learning rate (default 1e-3)")
+    o.add_argument("--weight-decay", type=_number(float, 0.0))
+    o.add_argument("--seed", type=_number(int, 0), help="seed of data and model")
     m = t.add_argument_group("method")
     m.add_argument(
         "--method",
         choices=METHODS,
-        default=None,
         help="omnifuse (default), concat (baseline), mm (MM learning), mimo (MIMO)",
     )
     m.add_argument("--no-dwfuse", action="store_true", help="omnifuse without DWFuse")
     m.add_argument("--no-tla", action="store_true", help="omnifuse without TLA")
     m.add_argument("--no-imp-forward", action="store_true", help="omnifuse without IMP-forward")
     m.add_argument("--no-imp-backward", action="store_true", help="omnifuse without IMP-backward")
-    m.add_argument("--tla-mode", choices=("observed", "subsets"), default=None)
-    m.add_argument("--dim", type=_number(int, 1), default=None, help="embedding width D")
-    m.add_argument("--num-blocks", type=_number(int, 1), default=None, help="RAs per cascade K")
+    m.add_argument("--tla-mode", choices=("observed", "subsets"))
+    m.add_argument("--dim", type=_number(int, 1), help="embedding width D")
+    m.add_argument("--num-blocks", type=_number(int, 1), help="RAs per cascade K")
     m.add_argument(
         "--drop-rate",
         type=_number(float, 0.0, 1.0, hi_open=True),
-        default=None,
         help="imputer's supervision drop rate in training",
     )
     m.add_argument(
         "--mm-stage1-epochs",
         type=_number(int, 0),
-        default=None,
         help="mm: standard epochs before MM learning (default: half)",
     )
     m.add_argument(
         "--mimo-mode",
         choices=("mimo", "mgda"),
-        default=None,
         help="mimo: two-objective closed form, or the (M+1)-objective MGDA baseline",
     )
     r = t.add_argument_group("run")
-    r.add_argument("--out", type=Path, default=None, help="output directory (default runs/METHOD)")
+    r.add_argument("--out", type=Path, help="output directory (default runs/METHOD)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out")
     r.add_argument(
         "--backend",
         choices=("auto", *BACKENDS),
-        default=None,
         help="backend of the ops (default auto: the fastest available)",
     )
-    r.add_argument("--device", default=None, help="torch device (default cpu)")
+    r.add_argument("--device", help="torch device (default cpu)")
     r.add_argument(
         "--threads",
         type=_number(int, 1),
@@ -167,21 +157,18 @@ def _add_data_args(group, train: bool) -> None:
     group.add_argument(
         "--data",
         type=Path,
-        default=None,
         required=not train,
         help="your data: .npz (view_<name> arrays, y, present) or .csv/.parquet "
         "(<view>__<column> groups)" + ("; default: the built-in data" if train else ""),
     )
     if train:
-        group.add_argument("--views", default=None, help="--data: comma-separated views to use")
+        group.add_argument("--views", help="--data: comma-separated views to use")
         group.add_argument(
             "--label",
-            default=None,
             help="--data: label column (several, comma-separated: multilabel)",
         )
     group.add_argument(
         "--text-encoder",
-        default=None,
         help="local transformers model directory that embeds text columns (never downloads)",
     )
 
@@ -197,7 +184,7 @@ def _add_predict_parser(sub) -> None:
     )
     p.add_argument("--model", type=Path, required=True, help="the --out directory of the run")
     _add_data_args(p, train=False)
-    p.add_argument("--out", type=Path, default=None, help="CSV file (default: stdout)")
+    p.add_argument("--out", type=Path, help="CSV file (default: stdout)")
     p.add_argument("--threads", type=_number(int, 1), default=1, help="torch CPU threads")
     p.set_defaults(handler=_predict, subparser=p)
 

@@ -51,34 +51,18 @@ def test_train_one_epoch_then_resume(tmp_path, capsys):
     assert resumed["epochs"] == 2 and resumed["backend"] == "reference"
 
 
-def test_module_entry_point_concat(tmp_path):
+def _module(*argv: str) -> subprocess.CompletedProcess:
+    """``python -m omnifuse_fast ARGV``: the real command line, in a fresh process."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "omnifuse_fast",
-            "train",
-            "--method",
-            "concat",
-            "--epochs",
-            "1",
-            "--missing-rate",
-            "0.3",
-            "--noise-views",
-            "fou,2",
-            "--noise-std",
-            "0.5",
-            "--out",
-            str(tmp_path),
-            "--dim",
-            "8",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    cmd = [sys.executable, "-m", "omnifuse_fast", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_module_entry_point_concat(tmp_path):
+    proc = _module(
+        "train", "--method", "concat", "--epochs", "1", "--missing-rate", "0.3",
+        "--noise-views", "fou,2", "--noise-std", "0.5", "--out", str(tmp_path), "--dim", "8",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     result = _last_json(proc.stdout)
     assert result["method"] == "concat" and result["missing_rate"] == 0.3
@@ -129,14 +113,7 @@ def test_the_same_command_with_resume_appended_continues_the_run(tmp_path, capsy
     out = ["--out", str(tmp_path)]
     assert main([*RUN, "--epochs", "1", *out]) == 0
     first = _last_json(capsys.readouterr().out)
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(  # the real command line: python -m omnifuse_fast
-        [sys.executable, "-m", "omnifuse_fast", *RUN, "--epochs", "1", *out, "--resume"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    proc = _module(*RUN, "--epochs", "1", *out, "--resume")  # the real command line
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = _last_json(proc.stdout)  # the run already has its epoch: tested as it stands
     assert again["epochs"] == 1 and again["test_auroc"] == first["test_auroc"]
