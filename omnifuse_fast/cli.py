@@ -75,10 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         "With --resume, the run's settings come from its checkpoint: settings given again "
         "must equal them, except --epochs (the new end).",
     )
+    rate = _number(float, 0.0, 1.0, hi_open=True)  # a probability in [0, 1)
     d = t.add_argument_group("data")
     d.add_argument(
         "--missing-rate",
-        type=_number(float, 0.0, 1.0, hi_open=True),
+        type=rate,
         help="probability that a view of a sample is missing, in [0, 1) (default 0.5)",
     )
     d.add_argument(
@@ -113,9 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dim", type=_number(int, 1), help="embedding width D")
     m.add_argument("--num-blocks", type=_number(int, 1), help="RAs per cascade K")
     m.add_argument(
-        "--drop-rate",
-        type=_number(float, 0.0, 1.0, hi_open=True),
-        help="imputer's supervision drop rate in training",
+        "--drop-rate", type=rate, help="imputer's supervision drop rate in training, in [0, 1)"
     )
     m.add_argument(
         "--mm-stage1-epochs",
