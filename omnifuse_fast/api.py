@@ -42,7 +42,9 @@ class OmniFuseClassifier:
         test_fraction: rows held out and scored once at the end (``result_``); default 0.
         patience: stop after this many epochs without a better validation AUROC (None: never).
         **options: any other :class:`omnifuse_fast.train.TrainConfig` field (``alpha``,
-            ``beta``, ``lambdas``, ``mm_stage1_epochs``, ``mimo_mode``, ...).
+            ``beta``, ``lambdas``, ``mm_stage1_epochs``, ``mimo_mode``, ``compile=True`` to
+            ``torch.compile`` the training step, ``check_every`` to check the loss for
+            NaN/inf every N steps, ...).
 
     Attributes (after :meth:`fit`):
         classes_: the label values (multiclass) or label names (multilabel).

@@ -142,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (default 1: the ops are small, more threads only "
         "add synchronization)",
     )
+    r.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training step (forward and losses; backward via AOT autograd)",
+    )
+    r.add_argument(
+        "--check-every",
+        type=_number(int, 1),
+        help="check the loss for NaN/inf every N steps (default 1; more: fewer host syncs)",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(handler=_train, subparser=t)
     _add_predict_parser(sub)

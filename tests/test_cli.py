@@ -155,3 +155,13 @@ def test_resume_refuses_a_conflicting_setting_by_name(one_epoch_run, capsys, cha
     assert "error:" in err[-1] and needle in err[-1] and "checkpoint" in err[-1], err[-1]
     after = sorted((p.name, p.stat().st_mtime_ns) for p in one_epoch_run.iterdir())
     assert after == before  # refused before anything was trained or written
+
+
+def test_every_train_config_flag_reaches_the_config():
+    """The parser is the one list of settings: --compile and --check-every included."""
+    from omnifuse_fast.cli import _config_values, build_parser
+
+    args = build_parser().parse_args(["train", "--compile", "--check-every", "4", "--seed", "0"])
+    assert _config_values(args) == {
+        "compile": True, "check_every": 4, "seed": 0, "method": "omnifuse"
+    }  # fmt: skip

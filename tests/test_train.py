@@ -231,3 +231,37 @@ def test_result_reports_the_backend_that_ran_per_family(tmp_path):
     assert auto["backends_eval"]["cra"] == without
     if "cpu" in _dispatch.available_backends(cpu, "cra_forward"):
         assert (with_grad, without) == ("reference", "cpu")  # the case the old report got wrong
+
+
+def test_compile_trains_like_eager_and_resumes_bit_exact(tmp_path, monkeypatch):
+    """``compile=True`` runs the same step through ``torch.compile`` (forward and losses, the
+    backward through AOT autograd). The backend here is ``aot_eager``: dynamo's trace and AOT
+    autograd, without inductor's C++ code generation (minutes on a small CPU)."""
+    compiled_fns = []
+    real_compile = torch.compile
+
+    def compile_(fn, **kw):
+        compiled_fns.append(fn)
+        return real_compile(fn, backend="aot_eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    data = synthetic_splits()
+    args = dict(epochs=2, batch_size=24)  # 24, 24, 16: the last partial batch recompiles
+    eager = Trainer(_config(**args), None, data)
+    eager.fit()
+    straight = Trainer(_config(compile=True, **args), None, data)
+    straight.fit()
+    assert len(compiled_fns) == 1 and counters["stats"]["unique_graphs"] >= 1
+    for a, b in zip(eager.history, straight.history, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+    for k, v in _params(eager).items():
+        torch.testing.assert_close(_params(straight)[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    Trainer(_config(compile=True, **{**args, "epochs": 1}), tmp_path, data).fit()
+    resumed = Trainer.resume(tmp_path, epochs=2, splits=data)
+    assert resumed.config.compile
+    resumed.fit()
+    for k, v in _params(straight).items():
+        assert torch.equal(_params(resumed)[k], v), k

@@ -58,6 +58,10 @@ class TrainConfig:
     mimo_mode: str = "mimo"
     backend: str = "auto"
     device: str = "cpu"
+    # the step: torch.compile of its forward and losses (backward through AOT autograd), and
+    # how often the loss terms are checked for NaN/inf (one host sync per check)
+    compile: bool = False
+    check_every: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -98,6 +102,8 @@ class TrainConfig:
         _check(self.mimo_mode in ("mimo", "mgda"), "mimo_mode", "'mimo' or 'mgda'")
         _check(self.tla_mode in ("observed", "subsets"), "tla_mode", "'observed' or 'subsets'")
         _check(self.backend == "auto" or self.backend in BACKENDS, "backend", f"auto or {BACKENDS}")
+        _check(isinstance(self.compile, bool), "compile", "True or False", self.compile)
+        _check(_is_int(self.check_every) and self.check_every >= 1, "check_every", ">= 1")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (stored in checkpoints and metrics.json)."""

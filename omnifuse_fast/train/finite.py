@@ -1,8 +1,9 @@
 """Stopping a run at its first non-finite loss, with a message that says where and what.
 
-The trainer checks the loss terms of eq. 18 before every update (:func:`check_terms`) and turns
-an op's refusal of non-finite input mid-training (:class:`NonFiniteInputError`, e.g. inf
-embeddings after a blow-up) into the same error, with a diagnosis (:func:`diagnose`).
+The trainer checks the loss terms of eq. 18 before every update, or every N steps with no host
+sync in between (:class:`FiniteMonitor`), and turns an op's refusal of non-finite input
+mid-training (:class:`NonFiniteInputError`, e.g. inf embeddings after a blow-up) into the same
+error, with a diagnosis (:func:`diagnose`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from torch import nn
 from omnifuse_fast._checks import NonFiniteInputError
 from omnifuse_fast.train.distributed import LEAVES
 
-__all__ = ["TERM_DOC", "NonFiniteInputError", "NonFiniteLossError", "check_terms", "diagnose"]
+__all__ = [
+    "TERM_DOC",
+    "FiniteMonitor",
+    "NonFiniteInputError",
+    "NonFiniteLossError",
+    "diagnose",
+]
 
 # What each logged term is, for the error message.
 TERM_DOC = {
@@ -43,26 +50,68 @@ def _where(epoch: int, step: int, checkpoint: Path | None) -> tuple[str, str]:
     return f"epoch {epoch + 1}, step {step + 1}", f"the last checkpoint{saved} holds epoch {epoch}"
 
 
-def check_terms(
-    terms: dict[str, torch.Tensor], epoch: int, step: int, checkpoint: Path | None
-) -> None:
-    """Raise :class:`NonFiniteLossError` naming the first bad term (one device sync when fine).
+class FiniteMonitor:
+    """Watches each step's loss terms for NaN/inf, with one host sync every ``every`` steps.
 
-    ``epoch`` is the number of finished epochs, ``step`` the 0-based step within the current
-    one; a leaf of eq. 18 (or MM learning's ``mix``) is named before the composites it feeds.
+    :meth:`add` keeps a step's terms on the device (no sync); every ``every`` steps, and at
+    :meth:`flush` (the epoch's end, before its checkpoint), one sync checks them all. With
+    ``every = 1`` a bad step stops before its update; with more, the updates up to the check
+    have been applied (the message says how many), and the last checkpoint is still whole.
     """
-    values = torch.stack([v.detach().double().reshape(()) for v in terms.values()])
-    if bool(torch.isfinite(values).all()):
-        return
-    bad = [(k, v) for k, v in zip(terms, values.tolist()) if not math.isfinite(v)]
+
+    def __init__(self, every: int = 1) -> None:
+        self.every = every
+        self._pending: list[tuple[int, int, list[str], torch.Tensor]] = []
+
+    def add(
+        self, terms: dict[str, torch.Tensor], epoch: int, step: int, checkpoint: Path | None
+    ) -> None:
+        """Record step ``step`` (0-based) of epoch ``epoch + 1``; check when ``every`` are due."""
+        values = torch.stack([v.detach().double().reshape(()) for v in terms.values()])
+        self._pending.append((epoch, step, list(terms), values))
+        if len(self._pending) >= self.every:
+            self.flush(checkpoint, updated=False)
+
+    def flush(self, checkpoint: Path | None, updated: bool = True) -> None:
+        """Check every recorded step (one sync); raise :class:`NonFiniteLossError` for the
+        first bad one, naming its term. ``updated``: the last recorded step has taken its
+        optimizer update (False when called before it)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        finite = torch.stack([torch.isfinite(values).all() for *_, values in pending])
+        if bool(finite.all()):
+            return
+        first = int((~finite).nonzero()[0, 0])
+        epoch, step, names, values = pending[first]
+        applied = len(pending) - first - (0 if updated else 1)
+        named = dict(zip(names, values.tolist()))
+        raise _loss_error(named, epoch, step, checkpoint, applied, self.every)
+
+
+def _loss_error(
+    values: dict[str, float],
+    epoch: int,
+    step: int,
+    checkpoint: Path | None,
+    applied: int,
+    every: int,
+) -> NonFiniteLossError:
+    bad = [(k, v) for k, v in values.items() if not math.isfinite(v)]
     name, value = next(((k, v) for k, v in bad if k in LEAVES or k == "mix"), bad[0])
     what = TERM_DOC.get(name, "the loss of a unimodal head (MIMO)")
     others = ", ".join(k for k, _ in bad if k != name)
     where, last = _where(epoch, step, checkpoint)
-    raise NonFiniteLossError(
+    stopped = (
+        "Training stopped before the update"
+        if applied == 0
+        else f"Training stopped at the next finiteness check (every {every} steps), "
+        f"after {applied} update(s) from that step on"
+    )
+    return NonFiniteLossError(
         f"non-finite loss at {where}: term {name!r} = {value} ({what})"
         + (f"; also non-finite: {others}" if others else "")
-        + f". Training stopped before the update; {last}."
+        + f". {stopped}; {last}."
     )
 
 

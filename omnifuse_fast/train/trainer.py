@@ -13,9 +13,11 @@ DistributedDataParallel on contiguous shards of each global batch: the same step
 process with the same ``batch_size`` (see :mod:`omnifuse_fast.train.distributed`). Rank 0
 alone logs, checkpoints and writes the outputs.
 
-Every step checks the loss terms of eq. 18 for non-finite values (one device sync) and stops
-with :class:`NonFiniteLossError`, naming the step and the term, before the bad update
-(:mod:`omnifuse_fast.train.finite`).
+Every step's loss terms of eq. 18 are checked for non-finite values: by default before its
+update (one device sync per step), or every ``check_every`` steps with no sync in between. A
+bad term stops training with :class:`NonFiniteLossError`, naming the step and the term
+(:mod:`omnifuse_fast.train.finite`). ``compile=True`` runs the step's forward and losses
+through ``torch.compile`` (the backward through AOT autograd), on this same path.
 """
 
 from __future__ import annotations
@@ -55,9 +57,9 @@ from omnifuse_fast.train.distributed import (
     teardown,
 )
 from omnifuse_fast.train.finite import (
+    FiniteMonitor,
     NonFiniteInputError,
     NonFiniteLossError,
-    check_terms,
     diagnose,
 )
 from omnifuse_fast.train.metrics import accuracy, macro_auroc, write_metrics
@@ -130,7 +132,7 @@ class Trainer:
         distributed: this rank's place in a job; None reads ``torchrun``'s environment
             (and initializes the process group when ``WORLD_SIZE > 1``).
         check_finite: stop with :class:`NonFiniteLossError` at the first non-finite loss
-            term (one device sync per step; on by default).
+            term (on by default; one device sync every ``config.check_every`` steps).
     """
 
     def __init__(
@@ -173,6 +175,9 @@ class Trainer:
             shared, heads, fusion = self.model.parameter_groups()
             kind = DistributedMIMOBalancer if self.dist.enabled else MIMOBalancer
             self.balancer = kind(shared, heads, fusion, config.mimo_mode, config.backend)
+        self.finite = FiniteMonitor(config.check_every)
+        # the step's forward and losses, compiled when asked (graph breaks fall back to eager)
+        self._loss_fn = torch.compile(self._losses) if config.compile else self._losses
         self.ddp: torch.nn.Module | None = None
         if self.dist.enabled:
             self.ddp = self._wrap_ddp()
@@ -201,7 +206,7 @@ class Trainer:
         params = inspect.signature(DistributedDataParallel.__init__).parameters
         sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
         return DistributedDataParallel(
-            _ShardStep(model, self._losses),
+            _ShardStep(model, self._loss_fn),
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=unused,
             **{sync: False},
@@ -358,15 +363,21 @@ class Trainer:
                     order[start : start + cfg.batch_size], stage2, step
                 )
             except NonFiniteInputError as exc:  # e.g. an op refusing inf embeddings
-                if self.check_finite:
-                    raise diagnose(model, exc, self.epoch, step, self._checkpoint_path()) from exc
-                raise
+                if not self.check_finite:
+                    raise
+                try:  # a bad loss in an unchecked earlier step explains it best
+                    self.finite.flush(self._checkpoint_path())
+                except NonFiniteLossError as err:
+                    raise err from exc
+                raise diagnose(model, exc, self.epoch, step, self._checkpoint_path()) from exc
             self.optimizer.step()
             if model.use_tla and real:
                 model.tla_observe(out, observed, labels)
             for k, v in terms.items():  # on the device: no sync per term
                 sums[k] = sums[k] + v if k in sums else v.double()
             batches += 1
+        if self.check_finite:  # before the epoch's checkpoint
+            self.finite.flush(self._checkpoint_path())
         for family, used in _dispatch.backend_usage().items():
             self.backends_train.setdefault(family, set()).update(used.split("+"))
         return {k: float(v) / max(batches, 1) for k, v in sums.items()}
@@ -398,10 +409,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         args = (views, observed, labels, present, real, pick, rows)
         # MIMO writes .grad itself (from all-reduced gradients): not through DDP's hooks
-        losses = self.ddp if self.ddp is not None and self.balancer is None else self._losses
+        losses = self.ddp if self.ddp is not None and self.balancer is None else self._loss_fn
         loss, per_modality, logged, checked, out = losses(*args)
-        if self.check_finite:
-            check_terms(checked, self.epoch, step, self._checkpoint_path())
+        if self.check_finite:  # no sync until check_every steps are due
+            self.finite.add(checked, self.epoch, step, self._checkpoint_path())
         if self.balancer is not None:
             world = self.dist.world_size  # each rank's share sums to the global loss
             mimo = self.balancer.backward(loss / world, [m / world for m in per_modality])
