@@ -79,10 +79,11 @@ class FiniteMonitor:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        finite = torch.stack([torch.isfinite(values).all() for *_, values in pending])
+        ok = [torch.isfinite(values).all() for *_, values in pending]
+        finite = ok[0] if len(ok) == 1 else torch.stack(ok)  # (every = 1: nothing to stack)
         if bool(finite.all()):
             return
-        first = int((~finite).nonzero()[0, 0])
+        first = int((~finite.reshape(-1)).nonzero()[0, 0])
         epoch, step, names, values = pending[first]
         applied = len(pending) - first - (0 if updated else 1)
         named = dict(zip(names, values.tolist()))
