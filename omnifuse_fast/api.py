@@ -151,6 +151,7 @@ class OmniFuseClassifier:
         Raises:
             ValueError: one line naming the view / row / argument at fault.
         """
+        from omnifuse_fast.data.corruption import corrupt_for_config
         from omnifuse_fast.train import Trainer
 
         names, arrays = _as_views(views, None)
@@ -160,8 +161,9 @@ class OmniFuseClassifier:
         train, val, test = self._split(target, multilabel, n)
         self.mean_, self.std_ = _fit_scaler(arrays, observed, train)
         x = _transform(arrays, observed, self.mean_, self.std_)
-        splits = _splits(x, target, observed, names, len(classes), train, val, test)
         config = self._config(multilabel, has_val=val.size > 0)
+        splits = _splits(x, target, observed, names, len(classes), train, val, test)
+        splits = corrupt_for_config(splits, config)  # corruption= (none: unchanged)
         trainer = Trainer(config, out_dir, splits=splits, log=log)
         self.result_ = trainer.fit()
         trainer.close()  # a no-op unless torchrun made a process group
