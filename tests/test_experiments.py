@@ -293,3 +293,32 @@ def test_settings():
         Settings.make(0, quick=False, epochs=None)
     with pytest.raises(ValueError, match="epochs"):
         Settings.make(2, quick=False, epochs=0)
+
+
+def test_train_corruption_option():
+    """`omnifuse-fast train --corruption`: parsed into TrainConfig, applied to the built-in
+    data by the trainer (every split, seeded by the run's seed)."""
+    import torch
+
+    from omnifuse_fast.cli import _config_values, build_parser
+    from omnifuse_fast.train import TrainConfig
+    from omnifuse_fast.train.trainer import load_data
+
+    args = build_parser().parse_args(
+        ["train", "--corruption", "swap", "--corrupt-views", "2", "--missing-rate", "0"]
+    )
+    config = TrainConfig(**_config_values(args))
+    assert (config.corruption, config.corrupt_views, config.corrupt_std) == ("swap", 2, None)
+    clean = load_data(TrainConfig(missing_rate=0.0))
+    dirty = load_data(config)
+    for split in ("train", "val", "test"):
+        changed = torch.stack(
+            [(a != b).any(1) for a, b in zip(clean[split].views, dirty[split].views)], dim=1
+        )
+        assert torch.equal(changed.sum(1), torch.full((len(changed),), 2))
+    again = load_data(config)
+    assert all(torch.equal(a, b) for a, b in zip(dirty["test"].views, again["test"].views))
+    with pytest.raises(ValueError, match="corruption"):
+        TrainConfig(corruption="blur")
+    with pytest.raises(ValueError, match="corrupt_views"):
+        TrainConfig(corruption="swap", corrupt_views=0)

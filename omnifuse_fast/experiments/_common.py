@@ -120,6 +120,8 @@ class Settings:
             if not values or any(not math.isfinite(v) or v <= 0 for v in values):
                 raise ValueError(f"grid[{key!r}] must be one or more numbers > 0, got {values}")
             grid[key] = values
+        if data is None and (data_views is not None or label is not None):
+            raise ValueError("views and label apply to a data file (data=...)")
         if missing_rate is not None and not 0.0 <= float(missing_rate) < 1.0:
             raise ValueError(f"missing_rate must be in [0, 1), got {missing_rate!r}")
         overrides = dict(QUICK_MODEL) if quick else {}

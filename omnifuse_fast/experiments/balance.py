@@ -236,7 +236,9 @@ def _markdown(summary, settings, params, conds) -> str:
         f"validation NLL, patience {settings.patience}); lr chosen per method on the "
         f"validation NLL of {settings.tune_seeds} tuning seed(s); mean ± std; p: paired "
         "t-test against `uniform`. Modality accuracy: linear probe on each encoder's "
-        f"embedding. MM learning's pool: {params['mm_selection']}.",
+        f"embedding. MM learning's pool: {params['mm_selection']}. `unimodal`: the late-fusion "
+        "model (its fused accuracy), whose branches, each early-stopped on its own validation "
+        "NLL, are the views trained alone (their probes: the premise check's reference).",
     ]
     for cond in conds:
         s = summary[cond.name]

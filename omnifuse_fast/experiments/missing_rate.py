@@ -93,12 +93,15 @@ def drop_view(split: Any, view: int, rate: float, seed: int) -> Any:
 
 def scarce_labels(split: Any, fraction: float, seed: int) -> Any:
     """A copy of ``split`` whose labels are -1 (unknown) outside a ``fraction`` of the rows
-    (stratified by class, at least one labeled row a class)."""
+    (stratified by class where every class allows it)."""
     from sklearn.model_selection import train_test_split
 
     y = split.labels.numpy()
     idx = np.arange(len(y))
-    keep = train_test_split(idx, train_size=fraction, random_state=seed, stratify=y)[0]
+    try:
+        keep = train_test_split(idx, train_size=fraction, random_state=seed, stratify=y)[0]
+    except ValueError:  # a class too small to stratify: a plain random share
+        keep = train_test_split(idx, train_size=fraction, random_state=seed)[0]
     labels = torch.full_like(split.labels, -1)
     labels[keep] = split.labels[keep]
     s = copy.copy(split)
