@@ -177,7 +177,7 @@ def test_early_stopping_restores_the_lowest_validation_nll(tiny_npz):
     assert r["epochs_run"] == 12 or r["epochs_run"] - r["selected_epoch"] == 2
     val = splits["val"]
     assert nll(predict(trainer.model, val), val.labels) == pytest.approx(r["val_nll"], rel=1e-5)
-    assert r["val_nll"] == pytest.approx(r["val_nll"]) and r["test_nll"] > 0
+    assert r["test_nll"] > 0 and 0.0 <= r["test_accuracy"] <= 1.0
 
 
 def test_mm_selection_selects_and_is_reported(tmp_path):
