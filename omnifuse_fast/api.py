@@ -153,6 +153,7 @@ class OmniFuseClassifier:
         Raises:
             ValueError: one line naming the view / row / argument at fault.
         """
+        from omnifuse_fast.data.corruption import corrupt_for_config
         from omnifuse_fast.data.prepare import make_splits
         from omnifuse_fast.data.split import fit_scaler, split_rows
         from omnifuse_fast.train import Trainer
@@ -173,6 +174,7 @@ class OmniFuseClassifier:
         splits["val"] = splits["val"] if val.size else splits["train"]
         splits["test"] = splits["test"] if test.size else splits["val"]
         config = self._config(multilabel, has_val=val.size > 0)
+        splits = corrupt_for_config(splits, config)  # corruption= (none: unchanged)
         trainer = Trainer(config, out_dir, splits=splits, log=log)
         self.result_ = trainer.fit()
         trainer.close()  # a no-op unless torchrun made a process group

@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="noise standard deviation in standardized units (default 0)",
     )
     _add_data_args(d, train=True)
+    _add_corruption_args(d)
     o = t.add_argument_group("optimization")
     o.add_argument("--epochs", type=_number(int, 1), help="epochs (default 40)")
     o.add_argument("--batch-size", type=_number(int, 1), help="default 64")
@@ -159,6 +160,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_experiment(sub, PROG)  # `experiment NAME`: omnifuse_fast/experiments/cli.py
     return parser
+
+
+def _add_corruption_args(group) -> None:
+    """``--corruption KIND --corrupt-views K --corrupt-std S`` (docs/CORRUPTION.md)."""
+    from omnifuse_fast.data.corruption import CORRUPTIONS
+
+    group.add_argument(
+        "--corruption",
+        choices=CORRUPTIONS,
+        default=None,
+        help="per-sample low quality on every split: swap, heavy-noise, or noise on all views "
+        "(default none; see docs/CORRUPTION.md)",
+    )
+    group.add_argument(
+        "--corrupt-views", type=_number(int, 1), default=None, help="views per sample (default 1)"
+    )
+    group.add_argument(
+        "--corrupt-std",
+        type=_number(float, 0.0),
+        default=None,
+        help="noise std in standardized units (default: noise 1, heavy-noise 5)",
+    )
 
 
 def _add_data_args(group, train: bool) -> None:

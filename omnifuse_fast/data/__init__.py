@@ -4,7 +4,14 @@
 stratified split, standardization) are exported for custom pipelines.
 """
 
-from omnifuse_fast.data.corruption import add_noise, missing_mask
+from omnifuse_fast.data.corruption import (
+    CORRUPTIONS,
+    Corruption,
+    add_noise,
+    corrupt,
+    corrupt_splits,
+    missing_mask,
+)
 from omnifuse_fast.data.mfeat import (
     NUM_CLASSES,
     VIEW_DIMS,
@@ -22,6 +29,10 @@ from omnifuse_fast.data.split import (
 )
 
 __all__ = [
+    "CORRUPTIONS",
+    "Corruption",
+    "corrupt",
+    "corrupt_splits",
     "NUM_CLASSES",
     "VIEW_DIMS",
     "VIEW_NAMES",

@@ -336,16 +336,29 @@ class OmniFuse(nn.Module):
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
-    def predict_proba(self, views: Sequence[torch.Tensor], observed: torch.Tensor) -> torch.Tensor:
+    def predict_proba(
+        self, views: Sequence[torch.Tensor], observed: torch.Tensor, reading: str = "joint"
+    ) -> torch.Tensor:
         """``softmax(o)`` ``[B, C]`` (``sigmoid(o)`` multilabel) in eval mode.
 
-        Only the forward imputation runs.
+        Only the forward imputation runs. ``reading="imputed"`` is an optional reading in
+        which the imputed embeddings reach the prediction: the mean of ``softmax(o)`` and the
+        M unimodal heads' ``softmax(z_m)``, where ``z_m`` reads ``v_full`` (the imputed ``v'``
+        for a missing modality, ``u`` without IMP-forward). The paper predicts with ``o``
+        alone ("joint", the default), which with DWFuse reads the cascade's latents only.
         """
+        _checks.choice("reading", reading, ("joint", "imputed"))
         was = self.training
         self.eval()
         try:
-            o = self.forward(views, observed).joint_logits.float()
-            return torch.sigmoid(o) if self.multilabel else F.softmax(o, dim=1)
+            out = self.forward(views, observed)
+            act = torch.sigmoid if self.multilabel else (lambda t: F.softmax(t, dim=-1))
+            proba = act(out.joint_logits.float())
+            if reading == "imputed":  # (p_o + sum_m p_m) / (M + 1)
+                proba = (proba + act(out.modality_logits.float()).sum(1)) / (
+                    1 + self.num_modalities
+                )
+            return proba
         finally:
             self.train(was)
 

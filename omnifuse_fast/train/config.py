@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from omnifuse_fast._dispatch import BACKENDS
+from omnifuse_fast.data.corruption import Corruption
 
 METHODS = ("omnifuse", "concat", "mm", "mimo")
 
@@ -26,6 +27,9 @@ class TrainConfig:
     missing_rate: float = 0.5
     noise_views: tuple[str, ...] = ()
     noise_std: float = 0.0
+    corruption: str = "none"  # per-sample low quality (docs/CORRUPTION.md), on every split
+    corrupt_views: int = 1
+    corrupt_std: float | None = None
     # optimization
     epochs: int = 40
     batch_size: int = 64
@@ -74,6 +78,7 @@ class TrainConfig:
             self.lambdas = (1.0, 1.0, 1.0)
         _check(0.0 <= self.missing_rate < 1.0, "missing_rate", "in [0, 1)", self.missing_rate)
         _check(self.noise_std >= 0.0, "noise_std", ">= 0", self.noise_std)
+        Corruption(self.corruption, self.corrupt_views, self.corrupt_std)  # names a bad field
         self.noise_views = tuple(self.noise_views)
         self.lambdas = tuple(float(v) for v in self.lambdas)  # type: ignore[assignment]
         for name in ("epochs", "batch_size", "dim", "hidden", "num_blocks"):

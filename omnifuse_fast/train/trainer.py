@@ -111,13 +111,15 @@ def build_model(
 def load_data(config: TrainConfig) -> dict[str, Any]:
     """The built-in data with the config's corruption (missing rate, noise)."""
     from omnifuse_fast.data import prepare_mfeat
+    from omnifuse_fast.data.corruption import corrupt_for_config
 
-    return prepare_mfeat(
+    splits = prepare_mfeat(
         missing_rate=config.missing_rate,
         noise_views=config.noise_views,
         noise_std=config.noise_std,
         seed=config.seed,
     )
+    return corrupt_for_config(splits, config)  # --corruption (none: unchanged)
 
 
 class Trainer:
