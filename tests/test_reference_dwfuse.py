@@ -338,3 +338,19 @@ def test_non_contiguous_inputs(multilabel):
             fn(zv, yv, backend="reference", multilabel=multilabel),
             fn(z, y, backend="reference", multilabel=multilabel),
         )
+
+
+@pytest.mark.parametrize("offset", [1e4, -1e4])
+def test_fp32_large_logits_lose_no_precision(offset):
+    """Logits near +-1e4 in fp32: omega and the loss match the fp64 reference of the very same
+    fp32 values to ~1e-6 relative (two absolute logsumexps would lose ~5e-4)."""
+    g = torch.Generator().manual_seed(0)
+    z = offset + torch.randn(64, 3, 5, generator=g) * 3.0
+    z[:, :, 0] -= 2 * offset  # the other extreme in the same rows
+    y = torch.randint(0, 5, (64,), generator=g)
+    w32 = of.dwfuse_weights(z, y, backend="reference")
+    w64 = of.dwfuse_weights(z.double(), y, backend="reference")
+    torch.testing.assert_close(w32.double(), w64, rtol=5e-6, atol=1e-30)
+    l32 = of.dwfuse_loss(z, y, backend="reference")
+    l64 = of.dwfuse_loss(z.double(), y, backend="reference")
+    torch.testing.assert_close(l32.double(), l64, rtol=5e-6, atol=0.0)
