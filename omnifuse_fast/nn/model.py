@@ -208,6 +208,9 @@ class OmniFuse(nn.Module):
             raise ValueError(f"views must hold {self.num_modalities} tensors, got {len(views)}")
         for i, (x, d) in enumerate(zip(views, self.view_dims)):
             _checks.floating(f"views[{i}]", x, ndim=2, shape=(views[0].shape[0], d))
+        for i, (x, enc) in enumerate(zip(views, self.encoders)):
+            if isinstance(enc, MLPEncoder):  # a custom encoder may take any input dtype
+                _inputs.module_dtype(f"views[{i}]", x, enc.net[0].weight, f"encoders[{i}]")
         if observed is not None:
             _checks.tensor(
                 "observed",
