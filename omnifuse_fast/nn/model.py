@@ -332,6 +332,8 @@ class OmniFuse(nn.Module):
         # Branch-free on the lazy id (a buffer, never read on the host): one graph under
         # torch.compile. Before the first mining the id is 0, no sample matches: a real 0.
         self.miner.check_lazy()
+        if not torch.compiler.is_compiling() and self.miner.lazy is None:
+            return o.new_zeros(())  # eager, before the first mining: a constant 0, no graph
         lazy = self.miner.lazy_id
         if self.miner.mode == "observed":
             if labels.dim() == 2:

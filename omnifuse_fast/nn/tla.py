@@ -173,6 +173,10 @@ class TLAMiner(nn.Module):
         _checks.logits2("logits", logits)
         _checks.comb_ids("comb", comb, logits.shape[0], self.num_modalities)
         self.check_lazy()
+        if not torch.compiler.is_compiling() and self.lazy is None:
+            # eager, before the first mining: a constant 0 with no graph, as it always was (a
+            # NaN gradient from elsewhere must not reach the logits through a zero term)
+            return logits.new_zeros(())
         # Eq. 17 through the op with a fixed id: the samples of the lazy combination become
         # "combination 1", the others 2. Before the first mining lazy_id is 0: none matches.
         ids = torch.where(comb == self.lazy_id, 1, 2)
