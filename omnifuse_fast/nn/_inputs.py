@@ -34,8 +34,9 @@ def finite_where(name: str, v: torch.Tensor, observed: torch.Tensor) -> None:
     if bool(bad.any()):
         row, mod = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
-            f"{name} holds NaN or inf in an observed block (sample {row}, modality {mod}): "
-            f"only blocks marked missing (observed[{row}, {mod}] = False) may hold anything. "
+            f"{name} must be finite in its observed blocks; it holds NaN or inf in an observed "
+            f"block (sample {row}, modality {mod}): only blocks marked missing "
+            f"(observed[{row}, {mod}] = False) may hold anything. "
             f"Mark that block missing, or fix what produced it (e.g. the encoder of modality "
             f"{mod} overflowed)"
         )
@@ -49,9 +50,9 @@ def finite_rows(name: str, x: torch.Tensor, observed_rows: torch.Tensor, modalit
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
         raise ValueError(
-            f"{name} holds NaN or inf in row {row}, which observed marks present "
-            f"(observed[{row}, {modality}] = True): rows of a missing view may hold anything, "
-            f"observed rows must be finite. Mark the row missing or clean the input"
+            f"{name} must be finite in its observed rows; it holds NaN or inf in row {row}, "
+            f"which observed marks present (observed[{row}, {modality}] = True): rows of a "
+            f"missing view may hold anything. Mark the row missing or clean the input"
         )
 
 
