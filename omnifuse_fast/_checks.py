@@ -82,7 +82,10 @@ def same_device(**tensors: torch.Tensor | None) -> torch.device:
     for name, t in items[1:]:
         if t.device != device:
             first = items[0][0]
-            raise ValueError(f"{name} is on {t.device} but {first} is on {device}: same device")
+            raise ValueError(
+                f"{name} is on {t.device} but {first} is on {device}: every tensor must be on "
+                f"one device; move them (e.g. {name}.to({first}.device))"
+            )
     return device
 
 
@@ -92,7 +95,11 @@ def same_dtype(**tensors: torch.Tensor) -> torch.dtype:
     dtype = items[0][1].dtype
     for name, t in items[1:]:
         if t.dtype != dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {items[0][0]} has {dtype}: same dtype")
+            first = items[0][0]
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but {first} has {dtype}: they must share one dtype; "
+                f"cast one (e.g. {name}.to({first}.dtype)), or run under torch.autocast"
+            )
     return dtype
 
 
@@ -121,6 +128,10 @@ def real(name: str, v: object, lo: float | None = None, hi: float | None = None)
     if v != v or v in (float("inf"), float("-inf")):
         raise NonFiniteInputError(f"{name} must be finite, got {v}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
+        if hi is None:
+            raise ValueError(f"{name} must be >= {lo}, got {v}")
+        if lo is None:
+            raise ValueError(f"{name} must be <= {hi}, got {v}")
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {v}")
     return v
 
@@ -156,12 +167,17 @@ def cra_width(x: torch.Tensor, w1: torch.Tensor) -> None:
         )
 
 
-def in_range(name: str, t: torch.Tensor, lo: int, hi: int, what: str = "values") -> None:
-    """Value check: integer tensor with every element in [lo, hi]."""
+def in_range(
+    name: str, t: torch.Tensor, lo: int, hi: int, what: str = "values", hint: str = ""
+) -> None:
+    """Value check: integer tensor with every element in [lo, hi] (``hint``: why, or the fix)."""
     if value_checks_enabled() and t.numel():
         tmin, tmax = int(t.min()), int(t.max())
         if tmin < lo or tmax > hi:
-            raise ValueError(f"{name} {what} must be in [{lo}, {hi}], got min {tmin}, max {tmax}")
+            raise ValueError(
+                f"{name} {what} must be in [{lo}, {hi}], got min {tmin}, max {tmax}"
+                + (f": {hint}" if hint else "")
+            )
 
 
 def logits3(name: str, t: object) -> torch.Tensor:
@@ -187,8 +203,18 @@ def class_labels(name: str, labels: object, batch: int, num_classes: int) -> tor
     """Multiclass labels: int64 ``[B]`` in ``[0, C)``."""
     t = tensor(name, labels, ndim=1, shape=(batch,))
     if t.dtype != torch.int64:
-        raise TypeError(f"{name} must be int64 class indices of shape [{batch}], got {t.dtype}")
-    in_range(name, t, 0, num_classes - 1, what="class indices")
+        raise TypeError(
+            f"{name} must be int64 class indices of shape [{batch}], got {t.dtype}: "
+            f"convert with {name}.long()"
+        )
+    in_range(
+        name,
+        t,
+        0,
+        num_classes - 1,
+        what="class indices",
+        hint=f"the logits have C = {num_classes} classes (their last dim)",
+    )
     return t
 
 
@@ -197,7 +223,10 @@ def labels_any(name: str, labels: object, batch: int, num_classes: int) -> bool:
     if isinstance(labels, torch.Tensor) and labels.dim() == 2:
         t = floating(name, labels, shape=(batch, num_classes))
         if value_checks_enabled() and t.numel() and not bool(((t == 0) | (t == 1)).all()):
-            raise ValueError(f"{name} (multilabel) must hold only 0 and 1")
+            raise ValueError(
+                f"{name} (multilabel) must hold only 0 and 1: threshold soft targets, e.g. "
+                f"({name} > 0.5).float()"
+            )
         return True
     class_labels(name, labels, batch, num_classes)
     return False
@@ -209,15 +238,20 @@ def present_mask(name: str, present: object) -> torch.Tensor:
     num_modalities(t.shape[1], f"{name}.shape[1] (M)")
     if value_checks_enabled() and t.shape[0] and not bool(t.any(dim=1).all()):
         row = int((~t.any(dim=1)).nonzero()[0, 0])
-        raise ValueError(f"{name} has a sample with no present modality (row {row})")
+        raise ValueError(
+            f"{name} has a sample with no present modality (row {row}): every sample needs at "
+            "least one; drop samples with nothing observed"
+        )
     return t
 
 
 def comb_ids(name: str, comb: object, batch: int, num_modalities_: int | None) -> torch.Tensor:
     """Combination ids: integer ``[B]`` in ``1 .. 2**M - 1`` (M = 8 when not known)."""
     t = tensor(name, comb, ndim=1, dtypes=(torch.int64, torch.int32), shape=(batch,))
-    top = (1 << (num_modalities_ if num_modalities_ is not None else MAX_MODALITIES)) - 1
-    in_range(name, t, 1, top, what="combination ids")
+    m = num_modalities_ if num_modalities_ is not None else MAX_MODALITIES
+    top = (1 << m) - 1
+    hint = f"ids of {m} modalities come from combination_ids(present) (0 means none present)"
+    in_range(name, t, 1, top, what="combination ids", hint=hint)
     return t
 
 

@@ -212,11 +212,21 @@ CASES = [
         "labels",
     ),
     ("dw-labels-not-tensor", lambda: of.dwfuse_weights(z3(), [0, 1, 2, 3]), TypeError, "labels"),
-    ("dw-ml-labels-C", lambda: of.dwfuse_loss(z3(), torch.ones(B, C + 1)), ValueError, "labels"),
-    ("dw-ml-labels-B", lambda: of.dwfuse_loss(z3(), torch.ones(B - 1, C)), ValueError, "labels"),
+    (
+        "dw-ml-labels-C",
+        lambda: of.dwfuse_loss(z3(), torch.ones(B, C + 1), multilabel=True),
+        ValueError,
+        "labels",
+    ),
+    (
+        "dw-ml-labels-B",
+        lambda: of.dwfuse_loss(z3(), torch.ones(B - 1, C), multilabel=True),
+        ValueError,
+        "labels",
+    ),
     (
         "dw-ml-labels-half-value",
-        lambda: of.dwfuse_loss(z3(), torch.full((B, C), 0.5)),
+        lambda: of.dwfuse_loss(z3(), torch.full((B, C), 0.5), multilabel=True),
         ValueError,
         "labels",
     ),
@@ -241,7 +251,7 @@ CASES = [
     ("dw-labels-device", lambda: of.dwfuse_loss(z3(), y().to(META)), ValueError, "labels.*meta"),
     (
         "dw-ml-labels-device",
-        lambda: of.dwfuse_weights(z3(), torch.ones(B, C, device=META)),
+        lambda: of.dwfuse_weights(z3(), torch.ones(B, C, device=META), multilabel=True),
         ValueError,
         "labels.*meta",
     ),
@@ -629,7 +639,7 @@ def test_good_inputs_of_the_same_builders_pass():
     of.combination_ids(torch.ones(B, M, dtype=torch.bool), backend="reference")
     of.cra_forward(**cra_args(), backend="reference")
     of.dwfuse_loss(z3(), y(), backend="reference")
-    of.dwfuse_loss(z3(), torch.ones(B, C), backend="reference")
+    of.dwfuse_loss(z3(), torch.ones(B, C), backend="reference", multilabel=True)
     of.tla_stats(z2(), y(), comb(), M, backend="reference")
     of.tla_loss(z2(), y(), comb(), 1, backend="reference")
     of.modality_mix(**mix_args(), weights=torch.full((B, M), 1 / M), backend="reference")

@@ -89,7 +89,10 @@ def _dw_inputs(b, m, c, dtype, multilabel=False, scale=3.0, seed=0):
 
 def _check_dw_loss(z, y, beta, detach, dtype):
     (lc, (zc,)), (lr, (zr,)) = _both(
-        lambda z, backend: of.dwfuse_loss(z, y, beta, detach, backend=backend), [z]
+        lambda z, backend: of.dwfuse_loss(
+            z, y, beta, detach, backend=backend, multilabel=y.dim() == 2
+        ),
+        [z],
     )
     assert lc.dtype == z.dtype and lc.shape == ()
     assert_close(lc, lr, dtype)
@@ -121,7 +124,7 @@ def test_dwfuse_loss_multilabel(shape, dtype, detach):
 def test_dwfuse_weights(shape, dtype, multilabel):
     z, y = _dw_inputs(*shape, dtype, multilabel=multilabel)
     (wc, (zc,)), (wr, (zr,)) = _both(
-        lambda z, backend: of.dwfuse_weights(z, y, 0.9, backend=backend), [z]
+        lambda z, backend: of.dwfuse_weights(z, y, 0.9, backend=backend, multilabel=multilabel), [z]
     )
     assert wc.shape == wr.shape and wc.dtype == dtype
     assert_close(wc, wr, dtype)
@@ -152,7 +155,7 @@ def test_dwfuse_extreme_probabilities(multilabel):
     for detach in (True, False):
         _check_dw_loss(z, y, 0.5, detach, torch.float32)
     (wc, (zc,)), (wr, (zr,)) = _both(
-        lambda z, backend: of.dwfuse_weights(z, y, 0.5, backend=backend), [z]
+        lambda z, backend: of.dwfuse_weights(z, y, 0.5, backend=backend, multilabel=multilabel), [z]
     )
     assert torch.isfinite(wc).all()
     assert_close(wc, wr)
@@ -162,8 +165,12 @@ def test_dwfuse_extreme_probabilities(multilabel):
 @pytest.mark.parametrize("multilabel", [False, True])
 def test_dwfuse_gradcheck_fp64(multilabel):
     z, y = _dw_inputs(3, 3, 4, torch.float64, multilabel=multilabel, scale=2.0)
-    torch.autograd.gradcheck(lambda z: of.dwfuse_loss(z, y, 0.7, False, backend=CPU), (z,))
-    torch.autograd.gradcheck(lambda z: of.dwfuse_weights(z, y, 0.7, backend=CPU), (z,))
+    torch.autograd.gradcheck(
+        lambda z: of.dwfuse_loss(z, y, 0.7, False, backend=CPU, multilabel=multilabel), (z,)
+    )
+    torch.autograd.gradcheck(
+        lambda z: of.dwfuse_weights(z, y, 0.7, backend=CPU, multilabel=multilabel), (z,)
+    )
 
 
 @pytest.mark.parametrize("multilabel", [False, True])
@@ -519,10 +526,10 @@ def _run_all(b):
     for name, labels in (("mc", y), ("ml", yl)):
         for det in (True, False):
             zz = z.detach().clone().requires_grad_(True)
-            loss = of.dwfuse_loss(zz, labels, 0.5, det, backend=CPU)
+            loss = of.dwfuse_loss(zz, labels, 0.5, det, backend=CPU, multilabel=name == "ml")
             out[f"dw_{name}_{det}"] = (loss, torch.autograd.grad(loss, zz)[0])
         zz = z.detach().clone().requires_grad_(True)
-        w = of.dwfuse_weights(zz, labels, 0.5, backend=CPU)
+        w = of.dwfuse_weights(zz, labels, 0.5, backend=CPU, multilabel=name == "ml")
         out[f"dww_{name}"] = (w, _grads([w], [zz])[0])
     z2 = _randn(b, 9, scale=3.0, requires_grad=True)
     y2, comb = _labels(b, 9), _comb(b, 4)

@@ -107,7 +107,7 @@ def _flat(out) -> list[torch.Tensor]:
     return [t for o in out for t in _flat(o)]
 
 
-def _run(op, args, diff, backend):
+def _run(op, args, diff, backend, **kw):
     args = list(args)
     leaves = []
     for i in diff:
@@ -117,7 +117,7 @@ def _run(op, args, diff, backend):
         else:
             args[i] = args[i].detach().clone().requires_grad_()
             leaves.append(args[i])
-    outs = _flat(getattr(of, op)(*args, backend=backend))
+    outs = _flat(getattr(of, op)(*args, backend=backend, **kw))
     grads = []
     if leaves:
         terms = [
@@ -130,15 +130,15 @@ def _run(op, args, diff, backend):
     return [o.detach() for o in outs], grads
 
 
-def check(op, args, diff, dtype, backend, magnitude=1.0):
+def check(op, args, diff, dtype, backend, magnitude=1.0, **kw):
     """``op`` on ``backend`` equals the reference: outputs (all finite) and gradients.
 
     ``magnitude``: the inputs' largest |value| where an output is a cancelling sum of them
     (MIMO's direction): its absolute error then scales with the inputs, not with the output.
     """
     FUZZ_CASES[(op, backend)] += 1
-    want, want_g = _run(op, args, diff, "reference")
-    got, got_g = _run(op, args, diff, backend)
+    want, want_g = _run(op, args, diff, "reference", **kw)
+    got, got_g = _run(op, args, diff, backend, **kw)
     assert len(got) == len(want)
     for i, (a, e) in enumerate(zip(got, want)):
         assert a.shape == e.shape and a.dtype == e.dtype, f"{op} output {i}"
@@ -215,8 +215,8 @@ def _labels(bsz, ncls, multilabel, seed, dtype):
 def test_fuzz_dwfuse(backend, bsz, nmod, ncls, multilabel, beta, detach, dtype, scale, seed):
     z = _randn((bsz, nmod, ncls), seed, scale, dtype)
     y = _labels(bsz, ncls, multilabel, seed, dtype)
-    check("dwfuse_weights", [z, y, beta], (0,), dtype, backend)
-    check("dwfuse_loss", [z, y, beta, detach], (0,), dtype, backend)
+    check("dwfuse_weights", [z, y, beta], (0,), dtype, backend, multilabel=multilabel)
+    check("dwfuse_loss", [z, y, beta, detach], (0,), dtype, backend, multilabel=multilabel)
 
 
 @fuzz(

@@ -131,24 +131,24 @@ def dw_inputs(bsz, nmod, ncls, multilabel=False, seed=0, scale=3.0, dtype=torch.
 @pytest.mark.parametrize("nmod", [2, 3, 5, 8])
 def test_dwfuse_matches_reference(nmod, multilabel):
     z, y = dw_inputs(5, nmod, 7, multilabel, seed=nmod)
-    check("dwfuse_weights", [z, y, 0.7], diff=(0,))
+    check("dwfuse_weights", [z, y, 0.7], diff=(0,), multilabel=multilabel)
     for detach in (True, False):
-        check("dwfuse_loss", [z, y, 0.7, detach], diff=(0,))
+        check("dwfuse_loss", [z, y, 0.7, detach], diff=(0,), multilabel=multilabel)
 
 
 @pytest.mark.parametrize("multilabel", [False, True], ids=["multiclass", "multilabel"])
 def test_dwfuse_two_classes_and_beta_zero(multilabel):
     z, y = dw_inputs(6, 3, 2, multilabel, seed=3)
-    check("dwfuse_weights", [z, y, 0.5], diff=(0,))
-    check("dwfuse_loss", [z, y, 0.0, False], diff=(0,))
+    check("dwfuse_weights", [z, y, 0.5], diff=(0,), multilabel=multilabel)
+    check("dwfuse_loss", [z, y, 0.0, False], diff=(0,), multilabel=multilabel)
 
 
 @pytest.mark.parametrize("multilabel", [False, True], ids=["multiclass", "multilabel"])
 def test_dwfuse_many_classes_streams_the_class_dim(multilabel):
     # M = 8 pads to 8 rows: more than 512 classes no longer fit one tile
     z, y = dw_inputs(2, 8, 600, multilabel, seed=4)
-    check("dwfuse_weights", [z, y, 0.5], diff=(0,))
-    check("dwfuse_loss", [z, y, 0.5, False], diff=(0,))
+    check("dwfuse_weights", [z, y, 0.5], diff=(0,), multilabel=multilabel)
+    check("dwfuse_loss", [z, y, 0.5, False], diff=(0,), multilabel=multilabel)
 
 
 @pytest.mark.parametrize("multilabel", [False, True], ids=["multiclass", "multilabel"])
@@ -159,10 +159,18 @@ def test_dwfuse_extreme_logits(multilabel):
         z[0, :, y[0]] = 1e4
         z[1, :, y[1]] = -1e4
         z[2] = 1e4
-    check("dwfuse_weights", [z, y, 0.5], diff=(0,), fp64_reference=True)
+    check("dwfuse_weights", [z, y, 0.5], diff=(0,), fp64_reference=True, multilabel=multilabel)
     for detach in (True, False):
-        check("dwfuse_loss", [z, y, 0.5, detach], diff=(0,), fp64_reference=True)
-    loss = of.dwfuse_loss(z.requires_grad_(), y, 0.5, False, backend="triton")
+        check(
+            "dwfuse_loss",
+            [z, y, 0.5, detach],
+            diff=(0,),
+            fp64_reference=True,
+            multilabel=multilabel,
+        )
+    loss = of.dwfuse_loss(
+        z.requires_grad_(), y, 0.5, False, backend="triton", multilabel=multilabel
+    )
     (grad,) = torch.autograd.grad(loss, z)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
@@ -171,8 +179,8 @@ def test_dwfuse_extreme_logits(multilabel):
 @pytest.mark.parametrize("multilabel", [False, True], ids=["multiclass", "multilabel"])
 def test_dwfuse_low_precision(dtype, multilabel):
     z, y = dw_inputs(5, 3, 6, multilabel, seed=6, dtype=dtype)
-    check("dwfuse_weights", [z, y, 0.5], diff=(0,), dtype=dtype)
-    check("dwfuse_loss", [z, y, 0.5, False], diff=(0,), dtype=dtype)
+    check("dwfuse_weights", [z, y, 0.5], diff=(0,), dtype=dtype, multilabel=multilabel)
+    check("dwfuse_loss", [z, y, 0.5, False], diff=(0,), dtype=dtype, multilabel=multilabel)
 
 
 # ------------------------------------------------------------------------------------- TLA
