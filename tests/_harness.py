@@ -152,6 +152,10 @@ def randn(*shape, seed=0, scale=1.0, dtype=torch.float32, device="cpu") -> torch
     return t.to(dtype)
 
 
+def randint(lo: int, hi: int, shape, seed=0, device="cpu") -> torch.Tensor:
+    return torch.randint(lo, hi, shape, generator=gen(seed, device), device=device)
+
+
 def run(op: str, args: list, diff=(), backend: str = "reference", **kw):
     """Outputs of ``op`` and the gradients of a fixed random projection of its float outputs
     with respect to ``args[i]`` for ``i in diff`` (tensors or lists of tensors)."""
@@ -255,11 +259,12 @@ def no_fallback(op: str, backend: str):
 @contextlib.contextmanager
 def falls_back(op: str, backend: str, match: str = ""):
     """The calls inside hand ``op`` from ``backend`` to the reference, reported with a reason
-    containing ``match``, and the usage record says the reference ran."""
+    containing ``match``, and the usage record says the reference ran. Yields the record of
+    every warning raised inside."""
     _dispatch.reset_backend_usage()
     _dispatch.clear_fallbacks()
-    with pytest.warns(UserWarning, match="falls back to the reference"):
-        yield
+    with pytest.warns(UserWarning, match="falls back to the reference") as caught:
+        yield caught
     reason = _dispatch.fallback_reasons().get((op, backend))
     assert reason is not None and match in reason, _dispatch.fallback_reasons()
     assert _dispatch.backend_usage().get(_dispatch.OPS[op]) == "reference"

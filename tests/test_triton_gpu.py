@@ -6,6 +6,8 @@ Run with ``pytest -m gpu`` on a machine with a GPU (skipped elsewhere). The inte
 
 from __future__ import annotations
 
+import functools
+
 import _harness
 import pytest
 import torch
@@ -17,21 +19,11 @@ DEV = "cuda"
 pytestmark = [pytest.mark.gpu, pytest.mark.backend("triton", device=DEV)]
 
 
-def gen(seed: int) -> torch.Generator:
-    return _harness.gen(seed, DEV)
-
-
-def randn(*shape, seed=0, scale=1.0, dtype=torch.float32):
-    return _harness.randn(*shape, seed=seed, scale=scale, dtype=dtype, device=DEV)
-
-
-def randint(lo, hi, shape, seed=0):
-    return torch.randint(lo, hi, shape, generator=gen(seed), device=DEV)
-
-
-def check(op, args, **kw):
-    """``op`` on the triton backend against the reference (tests/_harness.py)."""
-    _harness.check(op, args, "triton", **kw)
+# the harness's helpers on this device and backend (tests/_harness.py)
+gen = functools.partial(_harness.gen, device=DEV)
+randn = functools.partial(_harness.randn, device=DEV)
+randint = functools.partial(_harness.randint, device=DEV)
+check = functools.partial(_harness.check, backend="triton")
 
 
 # ------------------------------------------------------------------------------- DWFuse
