@@ -12,6 +12,7 @@ import _harness
 import pytest
 import torch
 from _harness import DTYPES, assert_close, falls_back
+from _op_samples import on, triton_args, triton_samples
 
 import omnifuse_fast as of
 
@@ -24,6 +25,21 @@ gen = functools.partial(_harness.gen, device=DEV)
 randn = functools.partial(_harness.randn, device=DEV)
 randint = functools.partial(_harness.randint, device=DEV)
 check = functools.partial(_harness.check, backend="triton")
+
+
+# ------------------------------------------------------------------------------- opcheck
+
+_SAMPLES = triton_samples()
+
+
+@pytest.mark.parametrize(
+    "name,args", _SAMPLES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(_SAMPLES)]
+)
+def test_opcheck(name, args):
+    """torch.library.opcheck on the Triton ops with compiled kernels (the interpreter:
+    tests/test_opcheck.py)."""
+    op = getattr(torch.ops.omnifuse_fast_triton, name).default
+    torch.library.opcheck(op, on(DEV, triton_args(name, args)))
 
 
 # ------------------------------------------------------------------------------- DWFuse
