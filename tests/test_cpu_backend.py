@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close
+from _harness import DTYPES, assert_close
 
 import omnifuse_fast as of
-from omnifuse_fast import _dispatch
 from omnifuse_fast import reference as ref
 from omnifuse_fast.reference.mix import random_sources
 
-_REASON = _dispatch.unavailable_reason("dwfuse_loss", "cpu", torch.device("cpu"))
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpu backend: {_REASON}")
+pytestmark = pytest.mark.backend("cpu")
 
 CPU = "cpu"
 
@@ -287,7 +285,7 @@ def test_modality_mix(b, m, d, c, dtype, kind, weights):
     assert outc[0].dtype == outc[1].dtype == dtype
     assert torch.equal(outc[0], outr[0])  # a gather: exact
     assert_close(outc[1], outr[1], dtype)
-    for gc, gr in zip(_grads(outc, leaves_c), _grads(outr, leaves_r)):
+    for gc, gr in zip(_grads(outc, leaves_c), _grads(outr, leaves_r), strict=True):
         assert_close(gc, gr, dtype)
 
 
@@ -320,7 +318,7 @@ def test_soft_cross_entropy(b, c, dtype):
     (lc, leaves_c), (lr, leaves_r) = _both(of.soft_cross_entropy, [z, q])
     assert lc.dtype == dtype and lc.shape == ()
     assert_close(lc, lr, dtype)
-    for gc, gr in zip(_grads([lc], leaves_c), _grads([lr], leaves_r)):
+    for gc, gr in zip(_grads([lc], leaves_c), _grads([lr], leaves_r), strict=True):
         assert_close(gc, gr, dtype)
 
 
@@ -329,7 +327,7 @@ def test_soft_cross_entropy_extremes_and_gradcheck():
     q = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.25, 0.25]], requires_grad=True)
     (lc, leaves_c), (lr, leaves_r) = _both(of.soft_cross_entropy, [z, q])
     assert_close(lc, lr)
-    for gc, gr in zip(_grads([lc], leaves_c), _grads([lr], leaves_r)):
+    for gc, gr in zip(_grads([lc], leaves_c), _grads([lr], leaves_r), strict=True):
         assert_close(gc, gr)
     z64 = _randn(5, 4, dtype=torch.float64, requires_grad=True)
     q64 = torch.softmax(_randn(5, 4, dtype=torch.float64, seed=3), -1).requires_grad_(True)
@@ -356,7 +354,7 @@ def test_mimo_combine(dtype):
     rd, rlam = ref.mimo_combine(g0, gw)
     assert lam.dtype == torch.float32 and lam.shape == ()
     assert_close(lam, rlam)
-    for a, b, t in zip(d, rd, g0):
+    for a, b, t in zip(d, rd, g0, strict=True):
         assert a.dtype == t.dtype and a.shape == t.shape
         assert_close(a, b, a.dtype)
 
@@ -388,7 +386,7 @@ def test_mimo_combine_gradients(dtype):
         t.requires_grad_(True)
     (outc, leaves_c), (outr, leaves_r) = _both(fn, [*g0, *gw])
     # lam is fp32 by contract in both paths: compare at fp32 tolerance
-    for gc, gr in zip(_grads(outc, leaves_c), _grads(outr, leaves_r)):
+    for gc, gr in zip(_grads(outc, leaves_c), _grads(outr, leaves_r), strict=True):
         assert_close(gc, gr, torch.float32)
 
 
@@ -410,7 +408,7 @@ def test_mimo_direction_rounds_like_the_reference():
     d, lam = of.mimo_combine(g0, gw, backend=CPU)
     rd, rlam = ref.mimo_combine(g0, gw)
     assert torch.equal(lam, rlam)
-    assert all(torch.equal(a, b) for a, b in zip(d, rd))
+    assert all(torch.equal(a, b) for a, b in zip(d, rd, strict=True))
 
 
 @pytest.mark.parametrize("t", [1, 2, 3, 5])
@@ -452,9 +450,9 @@ def test_cra_forward(b, f, k, h, dtype, activation):
     (outc, leaves_c), (outr, leaves_r) = _both(of.cra_forward, inputs, activation=activation)
     assert outc[0].dtype == outc[1].dtype == dtype
     assert outc[1].shape == (b, k * h)
-    for a, e in zip(outc, outr):
+    for a, e in zip(outc, outr, strict=True):
         torch.testing.assert_close(a.float(), e.float(), **CRA_TOL[dtype])
-    for gc, gr in zip(_grads(outc, leaves_c), _grads(outr, leaves_r)):
+    for gc, gr in zip(_grads(outc, leaves_c), _grads(outr, leaves_r), strict=True):
         assert gc.dtype == dtype
         torch.testing.assert_close(gc.float(), gr.float(), **CRA_TOL[dtype])
 
@@ -464,7 +462,7 @@ def test_cra_one_output_used(which):
     inputs = _cra_inputs(5, 6, 2, 3, torch.float32)
     (outc, leaves_c), (outr, leaves_r) = _both(of.cra_forward, inputs, activation="silu")
     i = 0 if which == "out" else 1
-    for gc, gr in zip(_grads([outc[i]], leaves_c), _grads([outr[i]], leaves_r)):
+    for gc, gr in zip(_grads([outc[i]], leaves_c), _grads([outr[i]], leaves_r), strict=True):
         assert_close(gc, gr)
 
 
@@ -487,7 +485,7 @@ def _vs_float64(fn, z, *rest):
     zr = z.detach().double().requires_grad_(True)
     outc, outr = fn(zc, *rest, backend=CPU), fn(zr, *rest, backend="reference")
     outc, outr = (outc, outr) if isinstance(outc, tuple) else ((outc,), (outr,))
-    for a, e in zip(outc, outr):
+    for a, e in zip(outc, outr, strict=True):
         assert_close(a, e)
     if zc.requires_grad and outc[0].requires_grad:
         assert_close(_grads(outc, [zc])[0], _grads(outr, [zr])[0])
@@ -559,7 +557,7 @@ def _run_all(b):
 def _assert_identical(a, b):
     assert a.keys() == b.keys()
     for key in a:
-        for x, y in zip(a[key], b[key]):
+        for x, y in zip(a[key], b[key], strict=True):
             assert torch.equal(x, y), key
 
 

@@ -8,105 +8,29 @@ matter. Sizes are small and odd on purpose; ``tests/test_triton_gpu.py`` has the
 
 from __future__ import annotations
 
+import _harness
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from _harness import LOW, OPS, assert_close, falls_back, gen, randn, run
 
 import omnifuse_fast as of
 from omnifuse_fast import _dispatch
 from omnifuse_fast.reference.mix import random_sources
 
-pytest.importorskip("triton")
-
-OPS = (
-    "combination_ids",
-    "cra_forward",
-    "dwfuse_weights",
-    "dwfuse_loss",
-    "tla_stats",
-    "tla_loss",
-    "modality_mix",
-    "soft_cross_entropy",
-    "mimo_combine",
-    "mgda_min_norm",
-)
-LOW = (torch.bfloat16, torch.float16)
+pytestmark = pytest.mark.backend("triton")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _interpret():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        reason = _dispatch.unavailable_reason("dwfuse_loss", "triton", torch.device("cpu"))
-        if reason is not None:
-            pytest.skip(f"the triton backend cannot run here: {reason}")
+    with _harness.triton_interpreter():
         yield
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape, seed=0, scale=1.0, dtype=torch.float32):
-    return (torch.randn(shape, generator=gen(seed)) * scale).to(dtype)
-
-
-def flat(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for o in out for t in flat(o)]
-
-
-def run(op: str, args: list, diff: tuple[int, ...], backend: str, **kw):
-    """Outputs of ``op`` and the gradients of a fixed random projection of its float outputs
-    with respect to ``args[i]`` for ``i in diff`` (tensors or lists of tensors)."""
-    args = list(args)
-    leaves = []
-    for i in diff:
-        if isinstance(args[i], list):
-            args[i] = [t.detach().clone().requires_grad_() for t in args[i]]
-            leaves += args[i]
-        else:
-            args[i] = args[i].detach().clone().requires_grad_()
-            leaves.append(args[i])
-    outs = flat(getattr(of, op)(*args, backend=backend, **kw))
-    grads = []
-    if leaves:
-        loss = sum(
-            (o.float() * randn(*o.shape, seed=100 + j)).sum()
-            for j, o in enumerate(outs)
-            if o.is_floating_point() and o.requires_grad
-        )
-        grads = list(torch.autograd.grad(loss, leaves, allow_unused=True))
-    return [o.detach() for o in outs], grads
-
-
-def to64(a):
-    if isinstance(a, list):
-        return [to64(t) for t in a]
-    return a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-
-
-def check(op: str, args: list, diff=(), dtype=torch.float32, fp64_reference=False, **kw) -> None:
-    """``op`` on the triton backend equals the reference: outputs and gradients.
-
-    ``fp64_reference``: compare with the reference run in fp64 (for extreme inputs, where the
-    fp32 reference itself loses digits that the kernels keep).
-    """
-    ref_args = [to64(a) for a in args] if fp64_reference else args
-    want, want_g = run(op, ref_args, diff, "reference", **kw)
-    got, got_g = run(op, args, diff, "triton", **kw)
-    assert len(got) == len(want) and len(got_g) == len(want_g)
-    for i, (a, e) in enumerate(zip(got, want)):
-        assert a.shape == e.shape and (fp64_reference or a.dtype == e.dtype), f"{op} output {i}"
-        assert_close(a, e, dtype, msg=f"{op} output {i}")
-    for i, (a, e) in enumerate(zip(got_g, want_g)):
-        if e is None:
-            assert a is None or not a.any(), f"{op} grad {i} should be zero"
-            continue
-        assert a is not None and (fp64_reference or a.dtype == e.dtype), f"{op} grad {i}"
-        assert_close(a, e, dtype, msg=f"{op} grad {i}")
+def check(op: str, args: list, **kw) -> None:
+    """``op`` on the triton backend equals the reference: outputs and gradients
+    (tests/_harness.py; ``fp64_reference=True`` for extreme inputs)."""
+    _harness.check(op, args, "triton", **kw)
 
 
 def test_every_op_resolves_to_the_triton_kernels():
@@ -369,7 +293,7 @@ def test_mimo_combine_mixed_dtypes_non_contiguous_and_many_chunks():
     gw.append(randn(4, 6, seed=63, dtype=torch.bfloat16).t())
     want, want_g = run("mimo_combine", [g0, gw], (0, 1), "reference")
     got, got_g = run("mimo_combine", [g0, gw], (0, 1), "triton")
-    for a, e in zip(got + got_g, want + want_g):
+    for a, e in zip(got + got_g, want + want_g, strict=True):
         assert a.dtype == e.dtype and a.shape == e.shape
         assert_close(a, e, e.dtype if e.dtype in LOW else torch.float32)
 
@@ -426,15 +350,28 @@ def test_cra_forward_inference_and_partial_grads():
 
 
 def test_cra_forward_too_wide_falls_back_with_a_reason():
-    from omnifuse_fast.triton import _common
-
     args = cra_inputs(2, 1100, 4, 1, seed=5)
-    _common._warned.clear()  # the warning is once per reason
-    with pytest.warns(UserWarning, match="falls back to the reference.*1100"):
+    with falls_back("cra_forward", "triton", "1100"):
         out, lat = of.cra_forward(*args, backend="triton")
     want = of.cra_forward(*args, backend="reference")
     assert_close(out, want[0])
     assert_close(lat, want[1])
+
+
+@pytest.mark.parametrize("op", ["dwfuse_loss", "tla_loss", "soft_cross_entropy", "cra_forward"])
+def test_fp64_falls_back_to_the_reference_and_is_recorded(op):
+    """fp64 inputs run the reference (the kernels accumulate in fp32): reported through the
+    dispatcher, so the usage record names the reference, not triton."""
+    z = randn(6, 3, 4, seed=30, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    args = {
+        "dwfuse_loss": [z, y, 0.5, False],
+        "tla_loss": [z[:, 0], y, torch.tensor([1, 3, 3, 2, 1, 3]), 3],
+        "soft_cross_entropy": [z[:, 0], torch.softmax(z[:, 1], 1)],
+        "cra_forward": cra_inputs(6, 8, 4, 2, seed=31, dtype=torch.float64),
+    }[op]
+    with falls_back(op, "triton", "fp64"):
+        check(op, args, diff=(0,), dtype=torch.float64)
 
 
 # ------------------------------------------------------------------- non-contiguous inputs
@@ -512,7 +449,7 @@ def test_compile_cra_tla_and_mimo():
     got = _compiled(step, "aot_eager")(*comp)
     got_g = torch.autograd.grad(got, comp)
     assert_close(got, want)
-    for a, e in zip(got_g, want_g):
+    for a, e in zip(got_g, want_g, strict=True):
         assert_close(a, e)
 
 
