@@ -260,8 +260,9 @@ def configure_cuda(ext) -> dict:
     archs, ptx = parse_arch_list(arch_text)
     supported = nvcc_archs(home)
     if supported is not None:
-        dropped = [a for a in archs if a not in supported]
-        archs = [a for a in archs if a in supported]
+        # --list-gpu-arch names the base archs only (90, not 90a)
+        dropped = [a for a in archs if str(_arch_number(a)) not in supported]
+        archs = [a for a in archs if a not in dropped]
         ptx &= set(archs)
         if dropped:
             print(f"omnifuse_fast: nvcc {version} cannot build sm_{', sm_'.join(dropped)}; skipped")
