@@ -10,11 +10,14 @@
   then declared in a scratch include directory (only for this check; the real build uses the
   toolkit's headers).
 
-The flags are the ones torch's cpp_extension passes to nvcc (no implicit half conversions).
+The flags are the ones torch's cpp_extension passes to nvcc (no implicit half conversions), and
+the C++ standard is the one setup.py builds with (the installed torch's: C++20 from torch 2.13).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import re
 import shutil
@@ -43,10 +46,19 @@ TORCH_NVCC_FLAGS = [
     "-D__CUDA_NO_HALF2_OPERATORS__",
     "--expt-relaxed-constexpr",
 ]
-HEADER_FLAGS = ["-arch=sm_90", "-std=c++17", "-O3", *TORCH_NVCC_FLAGS]
+HEADER_FLAGS = ["-arch=sm_90", "-O3", *TORCH_NVCC_FLAGS]
 TIMEOUT_S = 600
 
 HEADERS = sorted(CUDA_DIR.glob("*.cuh"))
+
+
+@functools.cache
+def _std_flag() -> str:
+    """``-std=...`` as setup.py decides it for the installed torch (one source of truth)."""
+    spec = importlib.util.spec_from_file_location("omnifuse_setup", ROOT / "setup.py")
+    setup_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_module)  # defines functions only: setup() runs as __main__
+    return f"-std={setup_module.cxx_std()}"
 
 
 def _instantiations(header: Path) -> list[str]:
@@ -59,7 +71,16 @@ def _compile_header(header: Path, workdir: Path) -> tuple[int, str, float]:
     unit = workdir / f"check_{header.stem}.cu"
     lines = [f'#include "{header.name}"', *_instantiations(header)]
     unit.write_text("\n".join(lines) + "\n")
-    cmd = [NVCC, *HEADER_FLAGS, f"-I{CUDA_DIR}", "-c", str(unit), "-o", str(unit.with_suffix(".o"))]
+    cmd = [
+        NVCC,
+        *HEADER_FLAGS,
+        _std_flag(),
+        f"-I{CUDA_DIR}",
+        "-c",
+        str(unit),
+        "-o",
+        str(unit.with_suffix(".o")),
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
     return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start
@@ -69,6 +90,7 @@ def _compile_header(header: Path, workdir: Path) -> tuple[int, str, float]:
 def header_builds(tmp_path_factory) -> dict[str, tuple[int, str, float]]:
     """Compiles every header once, in parallel; {stem: (returncode, output, seconds)}."""
     workdir = tmp_path_factory.mktemp("cuda_headers")
+    _std_flag()  # once, before the threads
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
         futures = {h.stem: pool.submit(_compile_header, h, workdir) for h in HEADERS}
@@ -142,7 +164,7 @@ def test_bindings_compile_against_torch_headers(tmp_path):
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [
         NVCC,
-        "-std=c++17",
+        _std_flag(),
         *TORCH_NVCC_FLAGS,
         # PTX only: the kernels' SASS is checked above; this is about the host-side ATen code
         "-gencode=arch=compute_90,code=compute_90",
