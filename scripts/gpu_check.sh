@@ -71,7 +71,8 @@ step() {
 
 PIP_SRC="--no-index"
 [ -n "$WHEELS" ] && PIP_SRC="--no-index --find-links $WHEELS"
-CHECK_KERNELS="$PY -W error -c 'import torch, omnifuse_fast, omnifuse_fast._ext as e; print(e.status()); ops = [o for o in dir(torch.ops.omnifuse_fast) if not o.startswith(\"_\") and hasattr(getattr(torch.ops.omnifuse_fast, o), \"default\")]; missing = [o for o in ops if not e.has_kernel(o, \"CUDA\")]; assert ops and not missing, missing; print(len(ops), \"ops, every one with a CUDA kernel\")'"
+ARCH="\$($PY -c 'import torch; print(\"%d%d\" % torch.cuda.get_device_capability(0))')"
+CHECK_KERNELS="$PY -P -W error scripts/check_install.py --expect-cuda --ptx $ARCH"
 
 step env 30 "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvcc --version | tail -2; compute-sanitizer --version | head -2; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)); print(\"triton\", triton.__version__)' | tee $OUT/env.txt"
 step deps 90 "$PY -m pip install -q $PIP_SRC numpy scikit-learn matplotlib tqdm pytest pytest-benchmark hypothesis"

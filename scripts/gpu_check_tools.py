@@ -68,7 +68,9 @@ def _details(out: Path) -> dict[str, str]:
         details["env"] = " | ".join(env.read_text().split("\n")[:3]).strip()[:160]
     build_log = out / "build.log"
     if build_log.exists():
-        m = re.findall(r"^(\d+ ops, every one with a CUDA kernel)$", build_log.read_text(), re.M)
+        m = re.findall(
+            r"^(\d+ ops, every one with a CPU and a CUDA kernel)$", build_log.read_text(), re.M
+        )
         details["build"] = m[-1] if m else ""
     xml = out / "pytest_gpu.xml"
     if xml.exists():

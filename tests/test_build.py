@@ -241,6 +241,13 @@ def test_gpu_check_rejects_unknown_arguments():
     assert proc.returncode == 2 and "--bogus" in proc.stderr
 
 
+def _driver_env() -> dict[str, str]:
+    """The child imports the same omnifuse_fast as this process (source tree or installed)."""
+    import omnifuse_fast
+
+    return {**os.environ, "PYTHONPATH": str(Path(omnifuse_fast.__file__).parents[1])}
+
+
 def test_sanitizer_driver_calls_every_op_on_cpu():
     from omnifuse_fast import available_backends
 
@@ -252,7 +259,7 @@ def test_sanitizer_driver_calls_every_op_on_cpu():
         text=True,
         timeout=300,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=_driver_env(),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -268,7 +275,7 @@ def test_sanitizer_driver_fails_on_an_unavailable_backend():
         text=True,
         timeout=300,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=_driver_env(),
     )
     assert proc.returncode == 1
     assert "cuda" in json.loads(proc.stdout.strip().splitlines()[-1])["unavailable"]
