@@ -53,12 +53,18 @@ HEADERS = sorted(CUDA_DIR.glob("*.cuh"))
 
 
 @functools.cache
-def _std_flag() -> str:
-    """``-std=...`` as setup.py decides it for the installed torch (one source of truth)."""
+def _setup_module():
+    """setup.py's build logic (one source of truth for the flags of the real build)."""
     spec = importlib.util.spec_from_file_location("omnifuse_setup", ROOT / "setup.py")
     setup_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(setup_module)  # defines functions only: setup() runs as __main__
-    return f"-std={setup_module.cxx_std()}"
+    return setup_module
+
+
+@functools.cache
+def _std_flag() -> str:
+    """``-std=...`` as setup.py decides it for the installed torch."""
+    return f"-std={_setup_module().cxx_std()}"
 
 
 def _instantiations(header: Path) -> list[str]:
@@ -142,7 +148,13 @@ _STUBS = {
 
 
 def _toolkit_include() -> Path:
-    return Path(NVCC).resolve().parent.parent / "include"
+    from torch.utils import cpp_extension
+
+    setup_module = _setup_module()
+    try:  # as setup.py finds it (nvcc on PATH may be a wrapper script)
+        return Path(setup_module.find_cuda_home(cpp_extension.CUDA_HOME)) / "include"
+    except setup_module.CudaSkip:
+        return Path(NVCC).resolve().parent.parent / "include"
 
 
 def test_bindings_compile_against_torch_headers(tmp_path):
@@ -151,8 +163,11 @@ def test_bindings_compile_against_torch_headers(tmp_path):
 
     stub_dir = tmp_path / "stubs"
     torch_includes = [Path(p) for p in cpp_extension.include_paths()]
+    # a CUDA torch's pip nvidia packages: searched after every -I dir, as in setup.py
+    pip_includes = sorted((Path(torch.__file__).parents[1] / "nvidia").glob("*/include"))
     for name, body in _STUBS.items():
-        found = any((d / name).exists() for d in [_toolkit_include(), *torch_includes])
+        dirs = [_toolkit_include(), *torch_includes, *pip_includes]
+        found = any((d / name).exists() for d in dirs)
         if not found:
             path = stub_dir / name
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +189,7 @@ def test_bindings_compile_against_torch_headers(tmp_path):
         *([f"-I{stub_dir}"] if stub_dir.exists() else []),
         *[f"-I{p}" for p in torch_includes],
         f"-I{CUDA_DIR}",
+        *[arg for d in pip_includes for arg in ("-isystem", str(d))],
         "-c",
         str(unit),
         "-o",
