@@ -78,8 +78,8 @@ step env 30 "nvidia-smi --query-gpu=name,driver_version,memory.total --format=cs
 step deps 90 "$PY -m pip install -q $PIP_SRC numpy scikit-learn matplotlib tqdm pytest pytest-benchmark hypothesis"
 step build 300 "OMNIFUSE_FAST_FORCE_CUDA=1 MAX_JOBS=$CORES $PY -m pip install -v --no-build-isolation --no-deps $PIP_SRC -e . && $CHECK_KERNELS"
 step pytest 120 "OMNIFUSE_EXPECT_BACKENDS=cpu,triton,cuda $PY -m pytest -m gpu -q -p no:cacheprovider tests --junitxml=$OUT_ABS/pytest_gpu.xml"
-step sanitizer 120 "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 --log-file $OUT_ABS/memcheck.log $PY scripts/gpu_sanitize_driver.py --device cuda --backends cuda,triton > $OUT_ABS/sanitizer.json"
-step bench 150 "OMNIFUSE_BENCH_LARGE=1 OMNIFUSE_BENCH_NO_COMPILE=1 $PY scripts/gpu_check_tools.py bench-subset --providers reference,triton,cuda > $OUT_ABS/bench_cases.txt && OMNIFUSE_BENCH_LARGE=1 OMNIFUSE_BENCH_NO_COMPILE=1 $PY -m pytest -q -p no:cacheprovider --benchmark-only --benchmark-max-time=0.2 --benchmark-min-rounds=3 --benchmark-json=$OUT_ABS/bench.json \$(cat $OUT_ABS/bench_cases.txt) && $PY -m omnifuse_fast.bench report $OUT_ABS/bench.json"
+step sanitizer 150 "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 --log-file $OUT_ABS/memcheck.log $PY scripts/gpu_sanitize_driver.py --device cuda --backends cuda,triton > $OUT_ABS/sanitizer.json"
+step bench 120 "OMNIFUSE_BENCH_LARGE=1 OMNIFUSE_BENCH_NO_COMPILE=1 $PY scripts/gpu_check_tools.py bench-subset --providers reference,triton,cuda > $OUT_ABS/bench_cases.txt && OMNIFUSE_BENCH_LARGE=1 OMNIFUSE_BENCH_NO_COMPILE=1 $PY -m pytest -q -p no:cacheprovider --benchmark-only --benchmark-max-time=0.2 --benchmark-min-rounds=3 --benchmark-json=$OUT_ABS/bench.json \$(cat $OUT_ABS/bench_cases.txt) && $PY -m omnifuse_fast.bench report $OUT_ABS/bench.json"
 
 if [ "$DRY" = 1 ]; then
   echo "[dry-run] summary   $PY scripts/gpu_check_tools.py summary $OUT_ABS"
