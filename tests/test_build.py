@@ -308,3 +308,20 @@ def test_summary_table_fails_unless_every_step_passed(tmp_path, capsys):
     assert tools.summary(tmp_path, 160) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["ok"] and summary["steps"][1]["detail"] == "memcheck: 0 errors"
+
+
+def test_check_install_agrees_with_what_loaded():
+    from omnifuse_fast import _ext
+
+    if not _ext.HAS_EXTENSION:
+        pytest.fail(f"the compiled extension did not load: {_ext.LOAD_ERROR}")
+    mode = "--expect-cuda" if _ext.HAS_CUDA_KERNELS else "--expect-no-cuda"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "check_install.py"), mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_driver_env(),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "the cpu backend runs" in proc.stdout
