@@ -14,18 +14,7 @@ import omnifuse_fast as of
 from omnifuse_fast import _dispatch, reference
 
 CPU = torch.device("cpu")
-OPS = (
-    "combination_ids",
-    "cra_forward",
-    "dwfuse_loss",
-    "dwfuse_weights",
-    "mgda_min_norm",
-    "mimo_combine",
-    "modality_mix",
-    "soft_cross_entropy",
-    "tla_loss",
-    "tla_stats",
-)
+OPS = tuple(_dispatch.OPS)
 
 
 @pytest.fixture

@@ -29,18 +29,7 @@ from hypothesis import strategies as st
 import omnifuse_fast as of
 from omnifuse_fast import _dispatch
 
-OPS = (
-    "combination_ids",
-    "cra_forward",
-    "dwfuse_weights",
-    "dwfuse_loss",
-    "tla_stats",
-    "tla_loss",
-    "modality_mix",
-    "soft_cross_entropy",
-    "mimo_combine",
-    "mgda_min_norm",
-)
+OPS = tuple(_dispatch.OPS)
 EXAMPLES = {"cpu": 80, "triton": 8}  # the Triton interpreter is slow
 FUZZ_CASES: collections.Counter = collections.Counter()
 SCALES = (0.0, 1e-3, 1.0, 30.0, 1e4)

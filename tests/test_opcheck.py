@@ -16,7 +16,7 @@ _REASON = _dispatch.unavailable_reason("dwfuse_loss", "cpu", torch.device("cpu")
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpu backend: {_REASON}")
 
 if _REASON is None:
-    import omnifuse_fast.ops._compiled  # noqa: F401  (fake impls and autograd formulas)
+    import omnifuse_fast.compiled  # noqa: F401  (fake impls and autograd formulas)
 
 
 def _g(seed: int = 0) -> torch.Generator:
@@ -37,6 +37,9 @@ def _samples():
     x, k, h = _randn(b, 7, grad=True), 2, 3
     cra = [x, _randn(k, h, 7, grad=True), _randn(k, h, grad=True)]
     cra += [_randn(k, 7, h, grad=True), _randn(k, 7, grad=True)]
+    cra_w = [cra[1].detach(), cra[3].detach()]
+    stash = [_randn(k, b, 7, seed=8), _randn(k, b, h, seed=9), _randn(k, b, h, seed=10)]
+    pre0, mask, all5 = torch.empty(0), [True, False, True, True, False], [True] * 5
     g0 = [_randn(3, 2, grad=True), _randn(5, grad=True, dtype=torch.float64)]
     gw = [_randn(3, 2, grad=True, seed=4), _randn(5, grad=True, dtype=torch.float64, seed=5)]
     lam = torch.tensor(0.25)
@@ -48,6 +51,13 @@ def _samples():
         ("combination_ids", (torch.rand(b, m, generator=_g(7)) > 0.3,)),
         ("cra_forward", (*cra, "gelu")),
         ("cra_backward", (_randn(b, 7), _randn(b, k * h), *[t.detach() for t in cra], "silu")),
+        ("cra_forward_stash", (*cra, "gelu")),
+        ("cra_forward_stash", (*cra, "relu")),
+        ("cra_backward_stash", (_randn(b, 7), _randn(b, k * h), *cra_w, *stash, "silu", mask)),
+        (
+            "cra_backward_stash",
+            (_randn(b, 7), _randn(b, k * h), *cra_w, *stash[:2], pre0, "tanh", all5),
+        ),
         ("dwfuse_weights", (_randn(b, m, c, grad=True), y, 0.5)),
         ("dwfuse_weights", (_randn(b, m, c, grad=True), yml, 0.5)),
         ("dwfuse_weights_backward", (_randn(b, m), z3, y, 0.5)),

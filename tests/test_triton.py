@@ -19,18 +19,7 @@ from omnifuse_fast.reference.mix import random_sources
 
 pytest.importorskip("triton")
 
-OPS = (
-    "combination_ids",
-    "cra_forward",
-    "dwfuse_weights",
-    "dwfuse_loss",
-    "tla_stats",
-    "tla_loss",
-    "modality_mix",
-    "soft_cross_entropy",
-    "mimo_combine",
-    "mgda_min_norm",
-)
+OPS = tuple(_dispatch.OPS)
 LOW = (torch.bfloat16, torch.float16)
 
 
