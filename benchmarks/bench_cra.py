@@ -1,11 +1,19 @@
 """CRA: ``cra_forward`` (K residual autoencoders, fwd and fwd+bwd) per provider.
 
 Matmul-bound: the floor is usually the FLOPs at the device's peak (TFLOP/s is reported).
+
+``python benchmarks/bench_cra.py [--threads 2] [--reps 15] [--activation relu]`` runs the CPU
+acceptance check of benchmarks/NOTES.md instead: fwd+bwd at B=2048, F=512, H=256, K=5 (fp32) for
+the eager reference, ``torch.compile`` of the reference and ``backend="cpu"``, interleaved in one
+process (medians), beside the machine's measured GEMM rate and the FLOP floor it implies.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+import statistics
+import time
 
 import pytest
 import torch
@@ -72,3 +80,55 @@ CRA = Bench(
 @pytest.mark.parametrize("case,provider", params(_cases()))
 def test_cra_forward(benchmark, case, provider):
     run(benchmark, case, provider, CRA)
+
+
+def _interleaved(threads: int, reps: int, activation: str) -> None:
+    """Print medians (ms) and ratios of fwd+bwd, the providers run in turn each repetition."""
+    torch.set_num_threads(threads)
+    b, f, h, k = 2048, 512, 256, 5
+    inputs = _make(_cra(b, 4, f // 4, h, k, act=activation))
+    params, grads = inputs.args[:5], (randn(b, f, seed=5), randn(b, k * h, seed=6))
+    compiled = torch.compile(reference.cra_forward)
+
+    def step(fn):
+        def run():
+            out = fn(*params, activation)
+            torch.autograd.backward(out, grads)
+            for t in params:
+                t.grad = None
+
+        return run
+
+    a, w = randn(b, f), randn(h, f, seed=1)
+    calls = {
+        "eager": step(lambda *t: omnifuse_fast.cra_forward(*t, backend="reference")),
+        "compile": step(compiled),
+        "cpu": step(lambda *t: omnifuse_fast.cra_forward(*t, backend="cpu")),
+        "gemm": lambda: torch.mm(a, w.t()),  # one of the 6K GEMMs of fwd+bwd
+    }
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for fn in calls.values():  # warm-up (and compile)
+        fn()
+        fn()
+    for _ in range(reps):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+    flops = 12 * b * f * h * k  # fwd 4BFHK, bwd twice that
+    rate = 2 * b * f * h / med["gemm"] * 1e-6  # GFLOP/s
+    print(f"threads {threads}, {activation}, B {b} F {f} H {h} K {k}, median of {reps}")
+    print(f"GEMM [B,F]x[F,H]: {med['gemm']:.2f} ms = {rate:.0f} GFLOP/s")
+    print(f"floor fwd+bwd: {flops / 1e9:.1f} GFLOP at that rate = {flops / rate * 1e-6:.1f} ms")
+    for name in ("eager", "compile", "cpu"):
+        print(f"{name:8s} {med[name]:8.1f} ms  eager/this {med['eager'] / med[name]:.2f}x")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--activation", default="relu")
+    cli = parser.parse_args()
+    _interleaved(cli.threads, cli.reps, cli.activation)

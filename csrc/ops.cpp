@@ -2,7 +2,7 @@
 //
 // The CPU kernels (csrc/cpu/*.cpp) and the CUDA kernels (csrc/cuda/*.cu) register
 // implementations of these schemas under their dispatch keys; the fake (meta) impls
-// and the autograd formulas are registered once, in Python (omnifuse_fast/ops/*.py).
+// and the autograd formulas are registered once, in Python (omnifuse_fast/compiled/*.py).
 // Inputs reaching these ops are already validated by omnifuse_fast/_checks.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -17,13 +17,24 @@ TORCH_LIBRARY(omnifuse_fast, m) {
   // combination id of each sample: sum_m present[b, m] << m
   m.def("combination_ids(Tensor present) -> Tensor");
 
-  // CRA cascade (SPEC section 1). Backward recomputes the chain from x.
+  // CRA cascade (SPEC section 1). cra_backward recomputes the chain from x (CPU, CUDA).
   m.def(
       "cra_forward(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, str activation)"
       " -> (Tensor, Tensor)");
   m.def(
       "cra_backward(Tensor grad_out, Tensor grad_latents, Tensor x, Tensor w1, Tensor b1,"
       " Tensor w2, Tensor b2, str activation) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Training pair (CPU): the forward also returns what the backward needs (acc dtype): the
+  // layer inputs s_{k-1} [K, B, F], the activations [K, B, H] and, for gelu/silu, the
+  // pre-activations [K, B, H] (else [0]). output_mask: which of (x, w1, b1, w2, b2) need a
+  // gradient; the others come back as empty [0] tensors.
+  m.def(
+      "cra_forward_stash(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, str activation)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cra_backward_stash(Tensor grad_out, Tensor grad_latents, Tensor w1, Tensor w2,"
+      " Tensor states, Tensor post, Tensor pre, str activation, bool[5] output_mask)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // DWFuse (SPEC section 2). labels: int64 [B] multiclass, or floating [B, C] multilabel.
   m.def("dwfuse_weights(Tensor logits, Tensor labels, float beta) -> Tensor");

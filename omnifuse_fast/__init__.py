@@ -23,18 +23,7 @@ from omnifuse_fast.nn import (
     OmniFuseImputer,
     TLAMiner,
 )
-from omnifuse_fast.ops import (
-    combination_ids,
-    cra_forward,
-    dwfuse_loss,
-    dwfuse_weights,
-    mgda_min_norm,
-    mimo_combine,
-    modality_mix,
-    soft_cross_entropy,
-    tla_loss,
-    tla_stats,
-)
+from omnifuse_fast.ops import *  # noqa: F403  (the public ops: the names of _dispatch.OPS)
 
 __version__ = "0.1.0"
 
@@ -53,16 +42,7 @@ __all__ = [
     "OmniFuseImputer",
     "TLAMiner",
     "available_backends",
-    "combination_ids",
-    "cra_forward",
-    "dwfuse_loss",
-    "dwfuse_weights",
-    "mgda_min_norm",
-    "mimo_combine",
-    "modality_mix",
     "set_value_checks",
-    "soft_cross_entropy",
-    "tla_loss",
-    "tla_stats",
     "value_checks_enabled",
+    *_dispatch.OPS,
 ]

@@ -2,7 +2,7 @@
 
 Every public op calls :func:`resolve` with the backend the user asked for and the device
 of its tensors. Backends register their implementations with :func:`register`, from the
-module that owns them (``omnifuse_fast.reference``, ``omnifuse_fast.ops`` for the compiled
+module that owns them (``omnifuse_fast.reference``, ``omnifuse_fast.compiled`` for the compiled
 C++/CUDA custom ops, ``omnifuse_fast.triton``); callers never change when a backend is added.
 
 An implementation takes the op's arguments in the public order, already validated, without
@@ -64,8 +64,8 @@ _AUTO_SKIP_WITH_GRAD: set[tuple[str, str, str]] = {("cra_forward", "cpu", "cpu")
 # Modules whose import registers a backend's implementations (imported lazily, once).
 _LOADERS: dict[str, tuple[str, ...]] = {
     "reference": ("omnifuse_fast.reference._register",),
-    "cpu": ("omnifuse_fast.ops._compiled",),
-    "cuda": ("omnifuse_fast.ops._compiled", "omnifuse_fast.ops._cuda_cra"),
+    "cpu": ("omnifuse_fast.compiled",),
+    "cuda": ("omnifuse_fast.compiled", "omnifuse_fast.compiled._cuda_cra"),
     "triton": ("omnifuse_fast.triton",),
 }
 

@@ -19,7 +19,7 @@ import torch
 
 import omnifuse_fast as of
 from omnifuse_fast import _dispatch
-from omnifuse_fast.ops._compiled import PUBLIC_OPS
+from omnifuse_fast._dispatch import OPS as PUBLIC_OPS
 from omnifuse_fast.reference.mix import random_sources
 
 

@@ -48,12 +48,23 @@ def compiled_samples() -> list[Sample]:
     y, yml, z3, z2, one = t["y"], t["yml"], t["z3"], t["z2"], t["one"]
     cra = _cra(7)
     k, h = cra[1].shape[:2]
+    # the CPU CRA's stash pair: forward keeps s_k, c_k and the pre-activations for the backward
+    cra_w = [cra[1].detach(), cra[3].detach()]
+    stash = [_randn(k, B, 7, seed=8), _randn(k, B, h, seed=9), _randn(k, B, h, seed=10)]
+    mask, all5 = [True, False, True, True, False], [True] * 5
     g0 = [_randn(3, 2, grad=True), _randn(5, grad=True, dtype=torch.float64)]
     gw = [_randn(3, 2, grad=True, seed=4), _randn(5, grad=True, dtype=torch.float64, seed=5)]
     return [
         ("combination_ids", (t["present"],)),
         ("cra_forward", (*cra, "gelu")),
         ("cra_backward", (_randn(B, 7), _randn(B, k * h), *[a.detach() for a in cra], "silu")),
+        ("cra_forward_stash", (*cra, "gelu")),
+        ("cra_forward_stash", (*cra, "relu")),
+        ("cra_backward_stash", (_randn(B, 7), _randn(B, k * h), *cra_w, *stash, "silu", mask)),
+        (
+            "cra_backward_stash",
+            (_randn(B, 7), _randn(B, k * h), *cra_w, *stash[:2], torch.empty(0), "tanh", all5),
+        ),
         ("dwfuse_weights", (_randn(B, M, C, grad=True), y, 0.5)),
         ("dwfuse_weights", (_randn(B, M, C, grad=True), yml, 0.5)),
         ("dwfuse_weights_backward", (_randn(B, M), z3, y, 0.5)),

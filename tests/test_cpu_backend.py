@@ -466,6 +466,51 @@ def test_cra_one_output_used(which):
         assert_close(gc, gr)
 
 
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+@pytest.mark.parametrize(
+    "need", [(0,), (1,), (2,), (3,), (4,), (0, 3), (1, 2), (2, 4), (3, 4)], ids=str
+)
+def test_cra_needs_input_grad_subsets(need, activation):
+    """Only some of (x, w1, b1, w2, b2) require grad: those gradients match the reference."""
+    inputs = _cra_inputs(19, 12, 3, 5, torch.float32)
+    for i, t in enumerate(inputs):
+        t.requires_grad_(i in need)
+    (outc, leaves_c), (outr, leaves_r) = _both(of.cra_forward, inputs, activation=activation)
+    got = _grads(outc, [leaves_c[i] for i in need])
+    want = _grads(outr, [leaves_r[i] for i in need])
+    assert len(got) == len(want) == len(need)
+    for gc, gr in zip(got, want):
+        torch.testing.assert_close(gc, gr, **CRA_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh"])
+def test_cra_backward_stash_computes_only_the_masked_gradients(activation):
+    x, w1, b1, w2, b2 = (t.detach() for t in _cra_inputs(9, 6, 2, 4, torch.float32))
+    ops = torch.ops.omnifuse_fast
+    out, lat, states, post, pre = ops.cra_forward_stash(x, w1, b1, w2, b2, activation)
+    assert states.shape == (2, 9, 6) and post.shape == (2, 9, 4)
+    assert pre.shape == ((2, 9, 4) if activation == "gelu" else (0,))
+    go, gl = torch.randn(out.shape), torch.randn(lat.shape)
+    full = ops.cra_backward_stash(go, gl, w1, w2, states, post, pre, activation, [True] * 5)
+    for i in range(5):
+        mask = [j == i for j in range(5)]
+        part = ops.cra_backward_stash(go, gl, w1, w2, states, post, pre, activation, mask)
+        for j, (p, f) in enumerate(zip(part, full)):
+            if j == i:
+                torch.testing.assert_close(p, f)
+            else:
+                assert p.numel() == 0, (i, j)
+
+
+def test_cra_trains_on_the_stash_and_infers_without_it():
+    inputs = _cra_inputs(33, 10, 3, 4, torch.float32)
+    out, lat = of.cra_forward(*inputs, activation="gelu", backend=CPU)
+    assert "cra_forward_stash" in out.grad_fn.name()  # the backward reads the stash
+    with torch.no_grad():
+        out_ng, lat_ng = of.cra_forward(*inputs, activation="gelu", backend=CPU)
+    assert torch.equal(out_ng, out.detach()) and torch.equal(lat_ng, lat.detach())
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh"])
 def test_cra_gradcheck_fp64(activation):
     inputs = _cra_inputs(4, 5, 2, 3, torch.float64, seed=3)

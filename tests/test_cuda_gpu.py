@@ -81,9 +81,9 @@ def test_cra_fallback_shapes(dtype):
     [(32, 16), (72, 24), (1024, 256), (1040, 16), (64, 272), (512, 128)],
 )
 def test_cra_guard_agrees_with_the_kernel(f, h, dtype):
-    """The Python guard (omnifuse_fast/ops/_cuda_cra.py) and the kernel's own check agree: the
+    """The Python guard (omnifuse_fast/compiled/_cuda_cra.py) and the kernel's own check agree: the
     C++ op runs its composite exactly where the guard sends the public op to the reference."""
-    from omnifuse_fast.ops._cuda_cra import fused_reason
+    from omnifuse_fast.compiled._cuda_cra import fused_reason
 
     args = cra_inputs(40, f, h, 2, dtype)
     with warnings.catch_warnings(record=True) as caught:

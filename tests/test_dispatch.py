@@ -324,7 +324,7 @@ def test_a_guard_sends_inputs_a_backend_cannot_take_to_the_reference(isolated):
 
 def test_cuda_cra_guard_names_each_limit():
     """The CUDA CRA guard (no GPU needed for these): what the fused kernel cannot take."""
-    from omnifuse_fast.ops._cuda_cra import fused_reason, smem_bytes
+    from omnifuse_fast.compiled._cuda_cra import fused_reason, smem_bytes
 
     def args(f, h, dtype=torch.float32, offset=0):
         x = torch.zeros(2 * f + offset, dtype=dtype)[offset:].view(2, f)

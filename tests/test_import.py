@@ -12,22 +12,11 @@ import pytest
 import torch
 
 import omnifuse_fast
+from omnifuse_fast import _dispatch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-FUNCTIONS = (
-    "combination_ids",
-    "cra_forward",
-    "dwfuse_weights",
-    "dwfuse_loss",
-    "tla_stats",
-    "tla_loss",
-    "modality_mix",
-    "soft_cross_entropy",
-    "mimo_combine",
-    "mgda_min_norm",
-    "set_value_checks",
-)
+FUNCTIONS = (*_dispatch.OPS, "set_value_checks")
 MODULES = (
     "CascadeResidualAutoencoder",
     "OmniFuseImputer",

@@ -1,0 +1,86 @@
+"""MM learning (SPEC section 5) on the compiled backends: ``modality_mix``, ``soft_cross_entropy``."""
+
+from __future__ import annotations
+
+import torch
+
+from omnifuse_fast.compiled._common import qualname
+
+_ops = torch.ops.omnifuse_fast
+
+
+@torch.library.register_fake(qualname("modality_mix"))
+def _modality_mix_fake(v, labels, src, num_classes, weights):
+    torch._check(v.dim() == 3 and src.dim() == 2, lambda: "v [B, M, D], src [M, B]")
+    torch._check(src.shape[0] == v.shape[1], lambda: "src must be [M, B]")
+    bsz = src.shape[1]
+    return v.new_empty((bsz, v.shape[1], v.shape[2])), v.new_empty((bsz, num_classes))
+
+
+@torch.library.register_fake(qualname("modality_mix_backward"))
+def _modality_mix_backward_fake(grad_v_mix, src, batch):
+    torch._check(grad_v_mix.dim() == 3, lambda: "grad_v_mix must be [B, M, D]")
+    return grad_v_mix.new_empty((batch, grad_v_mix.shape[1], grad_v_mix.shape[2]))
+
+
+@torch.library.register_fake(qualname("soft_cross_entropy"))
+def _soft_cross_entropy_fake(logits, soft_labels):
+    torch._check(logits.shape == soft_labels.shape, lambda: "soft_labels must match logits")
+    return logits.new_empty(())
+
+
+@torch.library.register_fake(qualname("soft_cross_entropy_backward"))
+def _soft_cross_entropy_backward_fake(grad, logits, soft_labels):
+    return torch.empty_like(logits), torch.empty_like(soft_labels)
+
+
+# modality_mix: v_mix scatter-adds back into v; soft labels are linear in the weights
+def _mix_setup(ctx, inputs, output):
+    v, labels, src, num_classes, weights = inputs
+    ctx.save_for_backward(labels, src, weights)
+    ctx.batch = v.shape[0]
+
+
+def _mix_backward(ctx, grad_v_mix, grad_soft):
+    labels, src, weights = ctx.saved_tensors
+    grad_v = None
+    if ctx.needs_input_grad[0] and grad_v_mix is not None:
+        grad_v = _ops.modality_mix_backward(grad_v_mix, src, ctx.batch)
+    grad_w = None
+    if weights is not None and ctx.needs_input_grad[4] and grad_soft is not None:
+        src_labels = labels[src].transpose(0, 1)  # [B, M]
+        same = (src_labels == src_labels[:, :1]).all(dim=1, keepdim=True)
+        grad_w = torch.where(same, 0.0, grad_soft.float().gather(1, src_labels))
+        grad_w = grad_w.sum_to_size(weights.shape).to(weights.dtype)
+    return grad_v, None, None, None, grad_w
+
+
+torch.library.register_autograd(qualname("modality_mix"), _mix_backward, setup_context=_mix_setup)
+
+
+def _sce_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _sce_backward(ctx, grad):
+    if not any(ctx.needs_input_grad):
+        return None, None
+    logits, soft_labels = ctx.saved_tensors
+    grads = _ops.soft_cross_entropy_backward(grad, logits, soft_labels)
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+
+
+torch.library.register_autograd(
+    qualname("soft_cross_entropy"), _sce_backward, setup_context=_sce_setup
+)
+
+
+def modality_mix(v, labels, src, num_classes, weights=None):
+    """Mixed representations and soft labels (arguments validated by the public op)."""
+    v_mix, soft = _ops.modality_mix(v, labels, src, num_classes, weights)
+    return v_mix, soft
+
+
+def soft_cross_entropy(logits, soft_labels):
+    """Mean cross-entropy against soft labels."""
+    return _ops.soft_cross_entropy(logits, soft_labels)
