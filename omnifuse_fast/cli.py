@@ -66,14 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         usage=f"{PROG} COMMAND [options]",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    t = sub.add_parser(
-        "train",
-        help="train OmniFuse (or a baseline) on the built-in multi-view data",
-        prog=f"{PROG} train",
-        usage=f"{PROG} train [options]  (see --help)",
-        description="Train on the built-in UCI multiple-features data (6 views, 10 classes). "
-        "With --resume, the run's settings come from its checkpoint: settings given again "
-        "must equal them, except --epochs (the new end).",
+    t = _command(
+        sub,
+        "train [options]  (see --help)",
+        "train OmniFuse (or a baseline) on the built-in multi-view data",
+        "Train on the built-in UCI multiple-features data (6 views, 10 classes). With --resume, "
+        "the run's settings come from its checkpoint: settings given again must equal them, "
+        "except --epochs (the new end).",
     )
     rate = _number(float, 0.0, 1.0, hi_open=True)  # a probability in [0, 1)
     d = t.add_argument_group("data")
@@ -184,6 +183,14 @@ def _add_corruption_args(group) -> None:
     )
 
 
+def _command(sub, usage: str, help: str, description: str) -> argparse.ArgumentParser:
+    """The subcommand ``PROG NAME`` whose usage line is ``PROG USAGE`` (NAME: its first word)."""
+    name = usage.split()[0]
+    return sub.add_parser(
+        name, help=help, prog=f"{PROG} {name}", usage=f"{PROG} {usage}", description=description
+    )
+
+
 def _add_data_args(group, train: bool) -> None:
     """``--data`` (your own file) and how to read it; see docs/YOUR_DATA.md."""
     group.add_argument(
@@ -206,13 +213,12 @@ def _add_data_args(group, train: bool) -> None:
 
 
 def _add_predict_parser(sub) -> None:
-    p = sub.add_parser(
-        "predict",
-        help="predict a data file with a model trained by `train --data`",
-        prog=f"{PROG} predict",
-        usage=f"{PROG} predict --model DIR --data FILE [--out preds.csv]",
-        description="Write each row's prediction and class probabilities as CSV (to --out, "
-        "else stdout). FILE is laid out like the training file; labels may be absent.",
+    p = _command(
+        sub,
+        "predict --model DIR --data FILE [--out preds.csv]",
+        "predict a data file with a model trained by `train --data`",
+        "Write each row's prediction and class probabilities as CSV (to --out, else stdout). "
+        "FILE is laid out like the training file; labels may be absent.",
     )
     p.add_argument("--model", type=Path, required=True, help="the --out directory of the run")
     _add_data_args(p, train=False)

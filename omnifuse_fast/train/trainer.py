@@ -437,8 +437,9 @@ class Trainer:
         terms = dict(out.losses)
         if pick is not None:
             terms["mix"] = self._mix_rows(pick, rows)
-        modalities = [f"modality {m}" for m in range(model.num_modalities)]
+        modalities = []  # MIMO's unimodal losses (BCE when multilabel)
         if self.balancer is not None:
+            modalities = [f"modality {m}" for m in range(model.num_modalities)]
             for m, name in enumerate(modalities):
                 terms[name] = joint_cross_entropy(out.modality_logits[:, m].float(), labels)
         if self.dist.enabled:
@@ -453,8 +454,8 @@ class Trainer:
         if pick is not None:
             logged["mix"] = values["mix"]
         logged["objective"] = objective
-        per_modality = [terms[k] for k in modalities] if self.balancer is not None else None
-        checked = {**logged, **{k: values[k] for k in modalities if k in values}}
+        per_modality = [terms[k] for k in modalities] or None
+        checked = {**logged, **{k: values[k] for k in modalities}}
         detached = out._replace(
             **{f: v.detach() for f, v in zip(out._fields, out) if torch.is_tensor(v)}, losses={}
         )
