@@ -107,6 +107,32 @@ inline int next_pow2(int v) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Device value checks (omnifuse_fast/_device_checks.py has the same slots): the bindings pass
+// an int32 flag tensor, all 1; a kernel that meets a bad index never dereferences it and stores
+// 0 in the index's slot (every writer stores the same 0: races are harmless). The binding then
+// asserts each slot with at::_assert_async: no host synchronization.
+enum FlagSlot : int {
+  kFlagLabels = 0,      // labels outside [0, C)
+  kFlagComb = 1,        // comb outside [1, 2^M)
+  kFlagSrc = 2,         // src outside [0, B)
+  kFlagMultilabel = 3,  // multilabel labels other than 0 and 1
+  kNumFlagSlots = 4,
+};
+
+// flags may be nullptr (a backward pass: the forward already checked the same indices).
+__device__ __forceinline__ void flag_bad(int* flags, int slot) {
+  if (flags != nullptr) flags[slot] = 0;
+}
+
+// An int64 label read as a class id: -1 (matches no class, never dereferenced) when outside
+// [0, C), reported in flags.
+__device__ __forceinline__ int checked_label(int64_t y, int C, int* flags) {
+  if (y >= 0 && y < C) return static_cast<int>(y);
+  flag_bad(flags, kFlagLabels);
+  return -1;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Math in the accumulation type.
 __device__ __forceinline__ float exp_(float x) { return expf(x); }
 __device__ __forceinline__ double exp_(double x) { return exp(x); }
@@ -183,6 +209,7 @@ __device__ __forceinline__ ExpSum<A> group_merge(ExpSum<A> v, int width) {
 //   d    = z_y - lseo,  CE = lse - z_y = softplus(-d),  log(1 - p_y) = -softplus(d)
 //   p_y  = sigmoid(d),  p_c = exp(z_c - lseo) * (1 - p_y) for c != y.
 // With kSumSq, sq = sum_{c != y} exp(z_c - mo)^2 (for the squared distance of TLA).
+// A y outside [0, C) (a bad label, already reported) is never read: z_y is then 0.
 template <typename A>
 struct ClassRow {
   A lseo;  // logsumexp over c != y
@@ -234,7 +261,7 @@ __device__ __forceinline__ ClassRow<A> class_row(const T* z, int C, int y, int j
     mo = m;
   }
   ClassRow<A> r;
-  r.zy = valid ? to_acc<A>(z[y]) : A(0);
+  r.zy = (valid && y >= 0 && y < C) ? to_acc<A>(z[y]) : A(0);
   r.lseo = valid ? mo + log_(so) : A(0);
   r.sq = (valid && kSumSq) ? sq / (so * so) : A(0);
   return r;

@@ -33,15 +33,18 @@ std::tuple<Tensor, Tensor> modality_mix_cuda(const Tensor& v_in, const Tensor& l
   }
   Tensor v_mix = at::empty({B, M, D}, v.options());
   Tensor soft = at::empty({B, num_classes}, v.options());
+  DeviceFlags flags(v);
   OMNIFUSE_DISPATCH_FLOATING(v.scalar_type(), "modality_mix", [&] {
     check_launch(gk::mix_forward(in_ptr<scalar_t>(v), labels.const_data_ptr<int64_t>(),
                                  src.const_data_ptr<int64_t>(),
                                  weights.defined() ? weights.const_data_ptr<float>() : nullptr, B,
                                  static_cast<int>(M), D, static_cast<int>(num_classes),
-                                 out_ptr<scalar_t>(v_mix), out_ptr<scalar_t>(soft),
+                                 out_ptr<scalar_t>(v_mix), out_ptr<scalar_t>(soft), flags.ptr(),
                                  at::cuda::getCurrentCUDAStream()),
                  op);
   });
+  flags.raise_if(op, gpu::kFlagSrc);
+  flags.raise_if(op, gpu::kFlagLabels);
   return {v_mix, soft};
 }
 

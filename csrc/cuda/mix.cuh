@@ -13,6 +13,9 @@
 // Soft CE: per sample (G lanes, several samples per warp for small C), one pass keeps the online
 // (max, sum exp) and sum_c q_c (max - z_c), all terms >= 0, so -sum_c q_c log_softmax(z)_c is
 // formed without cancellation; the backward writes both d/dz = s (p Q - q) and d/dq = s (lse - z).
+// Value checks (common.cuh): the forward reports a src outside [0, B) (its row is never read:
+// zeros instead) and a label outside [0, C) (labels are only compared with class ids); the
+// backward maps a bad src to source 0, so no key or segment is addressed out of range.
 #pragma once
 
 #include <cub/cub.cuh>
@@ -27,10 +30,19 @@ constexpr int kThreads = 256;
 constexpr int kMaxM = 8;
 
 // --------------------------------------------------------------------- gather
+// Stores VEC zeros of T at p (aligned like the gather's stores).
+template <typename T, int VEC>
+__device__ __forceinline__ void store_zeros(T* p) {
+  acc_type<T> zeros[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) zeros[i] = acc_type<T>(0);
+  store_vec<T, VEC>(p, zeros);
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     gather_kernel(const T* __restrict__ v, const int64_t* __restrict__ src, int64_t B, int M,
-                  int64_t D, T* __restrict__ out) {
+                  int64_t D, T* __restrict__ out, int* __restrict__ flags) {
   const int64_t per_row = D / VEC;
   const int64_t total = B * M * per_row;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -40,7 +52,10 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t b = row / M;
     const int m = static_cast<int>(row % M);
     const int64_t s = src[m * B + b];
-    if constexpr (VEC == 1) {
+    if (s < 0 || s >= B) {  // reported, and never read: the row is zeros
+      flag_bad(flags, kFlagSrc);
+      store_zeros<T, VEC>(out + row * D + d);
+    } else if constexpr (VEC == 1) {
       out[row * D + d] = v[(s * M + m) * D + d];
     } else {
       *reinterpret_cast<Vec<T, VEC>*>(out + row * D + d) =
@@ -55,7 +70,7 @@ template <typename T, typename A = acc_type<T>>
 __global__ void __launch_bounds__(kThreads)
     soft_labels_kernel(const int64_t* __restrict__ labels, const int64_t* __restrict__ src,
                        const float* __restrict__ weights, int64_t B, int M, int C,
-                       T* __restrict__ out) {
+                       T* __restrict__ out, int* __restrict__ flags) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
@@ -63,8 +78,17 @@ __global__ void __launch_bounds__(kThreads)
     int64_t lab = -1;
     A w = A(0);
     if (lane < M) {
-      lab = labels[src[lane * B + b]];
+      const int64_t s = src[lane * B + b];
+      if (s >= 0 && s < B) {
+        lab = labels[s];  // only compared with class ids below: reported, never an address
+        if (lab < 0 || lab >= C) flag_bad(flags, kFlagLabels);
+      } else {
+        flag_bad(flags, kFlagSrc);
+      }
       w = weights != nullptr ? static_cast<A>(weights[b * M + lane]) : A(1) / static_cast<A>(M);
+    } else if (lane == M) {  // every label is checked, also the ones no source points at
+      const int64_t own = labels[b];
+      if (own < 0 || own >= C) flag_bad(flags, kFlagLabels);
     }
     int64_t labs[kMaxM];
     A ws[kMaxM];
@@ -92,10 +116,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// v: [B, M, D] contiguous; labels int64 [B]; src int64 [M, B]; weights fp32 [B, M] or nullptr.
+// v: [B, M, D] contiguous; labels int64 [B]; src int64 [M, B]; weights fp32 [B, M] or nullptr;
+// flags: common.cuh's flag tensor (src and labels are checked).
 template <typename T>
 cudaError_t mix_forward(const T* v, const int64_t* labels, const int64_t* src, const float* weights,
-                        int64_t B, int M, int64_t D, int C, T* v_mix, T* soft_labels,
+                        int64_t B, int M, int64_t D, int C, T* v_mix, T* soft_labels, int* flags,
                         cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   constexpr int V = vec16<T>();
@@ -104,15 +129,15 @@ cudaError_t mix_forward(const T* v, const int64_t* labels, const int64_t* src, c
     const int64_t n = B * M * (vec_ok ? D / V : D);
     if (vec_ok)
       gather_kernel<T, V>
-          <<<grid_for(n, kThreads, 4096), kThreads, 0, stream>>>(v, src, B, M, D, v_mix);
+          <<<grid_for(n, kThreads, 4096), kThreads, 0, stream>>>(v, src, B, M, D, v_mix, flags);
     else
       gather_kernel<T, 1>
-          <<<grid_for(n, kThreads, 4096), kThreads, 0, stream>>>(v, src, B, M, D, v_mix);
+          <<<grid_for(n, kThreads, 4096), kThreads, 0, stream>>>(v, src, B, M, D, v_mix, flags);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   soft_labels_kernel<T><<<grid_for(B, kThreads / kWarp), kThreads, 0, stream>>>(
-      labels, src, weights, B, M, C, soft_labels);
+      labels, src, weights, B, M, C, soft_labels, flags);
   return cudaGetLastError();
 }
 
@@ -124,7 +149,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t m = i / B;  // src is [M, B]: i = m * B + b, so keys come in (m, b) order
-    keys[i] = static_cast<uint32_t>(m * batch + src[i]);
+    const int64_t s = src[i];
+    // a bad source (reported by the forward) counts as source 0: every key stays < M * batch
+    keys[i] = static_cast<uint32_t>(m * batch + (s >= 0 && s < batch ? s : 0));
     vals[i] = static_cast<uint32_t>(i - m * B);
   }
 }
@@ -446,7 +473,7 @@ cudaError_t soft_ce_backward(const acc_type<T>* grad, const T* z, const T* q, in
 #define OMNIFUSE_GPU_INSTANTIATE_MIX(T)                                                           \
   template cudaError_t omnifuse_fast::gpu::mix::mix_forward<T>(                                   \
       const T*, const int64_t*, const int64_t*, const float*, int64_t, int, int64_t, int, T*, T*, \
-      cudaStream_t);                                                                              \
+      int*, cudaStream_t);                                                                        \
   template cudaError_t omnifuse_fast::gpu::mix::mix_backward<T>(                                  \
       const T*, const int64_t*, int64_t, int, int64_t, int64_t, void*, size_t, T*, cudaStream_t); \
   template cudaError_t omnifuse_fast::gpu::mix::soft_ce_forward<T>(                               \

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from omnifuse_fast import _dispatch
+from omnifuse_fast import _device_checks, _dispatch
 from omnifuse_fast.reference import mix as _reference
 from omnifuse_fast.triton._common import (
     jit,
@@ -36,6 +36,7 @@ from omnifuse_fast.triton._common import (
     online_lse,
     use_reference,
 )
+from omnifuse_fast.triton._flags import LABELS, SRC, flag_if
 
 SCATTER_MODES = ("deterministic", "atomic")
 _scatter_mode = "deterministic"
@@ -65,6 +66,7 @@ def _mix_kernel(
     w_ptr,
     vmix_ptr,
     soft_ptr,
+    flags_ptr,
     B,
     M,
     D,
@@ -81,14 +83,20 @@ def _mix_kernel(
     m3 = tl.arange(0, MP)[None, :, None]
     ok = (b3 < B) & (m3 < M)  # [BB, MP, 1]
     src = tl.load(src_ptr + m3 * B + b3, mask=ok, other=0)  # mixed row b takes m from src
+    # src is an address: a source outside [0, B) is never read (zeros instead) and is reported
+    src_ok = ok & (src >= 0) & (src < B)
+    flag_if(flags_ptr, SRC, ok & ~src_ok)
+    # every label is checked once, by the program of its row (labels are only compared)
+    y_own = tl.load(y_ptr + b3, mask=b3 < B, other=0)
+    flag_if(flags_ptr, LABELS, (b3 < B) & ((y_own < 0) | (y_own >= C)))
     # gather: v_mix[b, m, :] = v[src[m, b], m, :]
     d3 = tl.arange(0, BLOCK_D)[None, None, :]
     for d0 in range(0, D, BLOCK_D):
         okd = ok & (d0 + d3 < D)
-        vals = tl.load(v_ptr + (src * M + m3) * D + d0 + d3, mask=okd)
+        vals = tl.load(v_ptr + (src * M + m3) * D + d0 + d3, mask=okd & src_ok, other=0.0)
         tl.store(vmix_ptr + (b3 * M + m3) * D + d0 + d3, vals, mask=okd)
     # proportion labels: q[b] = sum_m w[b, m] onehot(y[src[m, b]])
-    ys = tl.load(y_ptr + src, mask=ok, other=0)  # [BB, MP, 1]
+    ys = tl.load(y_ptr + src, mask=src_ok, other=0)  # [BB, MP, 1]
     if HAS_W:
         w = tl.load(w_ptr + b3 * M + m3, mask=ok, other=0.0)
     else:
@@ -120,8 +128,9 @@ def _link_kernel(src_ptr, last_ptr, prev_ptr, B, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     for b0 in range(0, B, BLOCK):
         b = b0 + i
-        ok = b < B
-        s = tl.load(src_ptr + m * B + b, mask=ok, other=0)
+        s = tl.load(src_ptr + m * B + b, mask=b < B, other=0)
+        # a source outside [0, B) (reported by the forward) is left out: never an address
+        ok = (b < B) & (s >= 0) & (s < B)
         same = (s[:, None] == s[None, :]) & ok[:, None] & ok[None, :]
         earlier = tl.max(tl.where(same & (i[None, :] < i[:, None]), b[None, :], -1), axis=1)
         has_later = tl.max(tl.where(same & (i[None, :] > i[:, None]), 1, 0), axis=1)
@@ -174,6 +183,7 @@ def _scatter_atomic_kernel(
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = (b[:, None] < B) & (d[None, :] < D)
     s = tl.load(src_ptr + m * B + b, mask=b < B, other=0)
+    ok = ok & ((s[:, None] >= 0) & (s[:, None] < B))  # bad sources: reported by the forward
     g = tl.load(g_ptr + (b[:, None] * M + m) * D + d[None, :], mask=ok, other=0.0)
     tl.atomic_add(out_ptr + (s[:, None] * M + m) * D + d[None, :], g.to(tl.float32), mask=ok)
 
@@ -185,12 +195,15 @@ def _weights_back_kernel(
     """d q[b, c] / d w[b, m] = [c == y[src[m, b]]], and 0 for a hard-label row."""
     b = (tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64))[:, None]
     m = tl.arange(0, MP)[None, :]
-    ok = (b < B) & (m < M)
-    ys = tl.load(y_ptr + tl.load(src_ptr + m * B + b, mask=ok, other=0), mask=ok, other=0)
+    inside = (b < B) & (m < M)
+    src = tl.load(src_ptr + m * B + b, mask=inside, other=0)
+    ok = inside & (src >= 0) & (src < B)  # bad sources and labels: reported by the forward
+    ys = tl.load(y_ptr + src, mask=ok, other=0)
+    ok = ok & (ys >= 0) & (ys < C)
     y0 = tl.sum(tl.where(m == 0, ys, 0), axis=1, keep_dims=True)
     hard = tl.sum(tl.where(ok & (ys != y0), 1, 0), axis=1, keep_dims=True) == 0
     g = tl.load(gq_ptr + b * C + ys, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + b * M + m, tl.where(hard, 0.0, g), mask=ok)
+    tl.store(out_ptr + b * M + m, tl.where(hard, 0.0, g), mask=inside)
 
 
 # ------------------------------------------------------------------ soft cross-entropy
@@ -286,6 +299,7 @@ def _mix_op(
     block_c = min(next_pow2(num_classes), max(16, 2048 // mp))
     block_b = _row_block(bsz, mp * max(block_d, block_c))
     has_w = weights is not None
+    flags = _device_checks.new_flags(v.device)
     launch(
         _mix_kernel,
         (triton.cdiv(bsz, block_b),),
@@ -295,6 +309,7 @@ def _mix_op(
         weights if has_w else v,  # not read without weights
         v_mix,
         soft,
+        flags,
         bsz,
         m,
         d,
@@ -304,6 +319,9 @@ def _mix_op(
         MP=mp,
         BLOCK_D=block_d,
         BLOCK_C=block_c,
+    )
+    _device_checks.raise_if_flagged(
+        flags, "modality_mix", _device_checks.SRC, _device_checks.LABELS
     )
     return v_mix, soft
 
