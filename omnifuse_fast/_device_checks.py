@@ -1,6 +1,7 @@
 """Value checks on the device, shared by the Triton and CUDA kernels: no host sync per call.
 
-The GPU kernels read labels, ``comb`` and ``src`` anyway, so they check them there. A kernel
+The GPU kernels read labels, ``comb`` and ``src`` anyway, so they check them there, and the
+logits (and soft labels) they read for finiteness. A kernel
 never dereferences an out-of-range index (the access is masked or skipped) and reports it in
 a small int32 flag tensor: one slot per checked argument, 1 = fine, and a kernel that meets a
 bad value stores 0 in its slot (every writer stores the same 0, so races are harmless). The
@@ -31,7 +32,9 @@ LABELS = 0
 COMB = 1
 SRC = 2
 MULTILABEL = 3
-NUM_SLOTS = 4
+LOGITS = 4
+SOFT_LABELS = 5
+NUM_SLOTS = 6
 
 # What each slot checks. csrc/cuda/binding.h holds the same strings (a test compares them).
 MESSAGES: dict[int, str] = {
@@ -39,6 +42,8 @@ MESSAGES: dict[int, str] = {
     COMB: "comb must be combination ids in [1, 2**M)",
     SRC: "src must be source indices in [0, B)",
     MULTILABEL: "labels (multilabel) must hold only 0 and 1",
+    LOGITS: "logits must be finite (no NaN or inf)",
+    SOFT_LABELS: "soft_labels must be finite (no NaN or inf)",
 }
 
 

@@ -182,6 +182,8 @@ def test_cuda_sources_use_the_same_slots_and_messages():
         "kFlagComb": _device_checks.COMB,
         "kFlagSrc": _device_checks.SRC,
         "kFlagMultilabel": _device_checks.MULTILABEL,
+        "kFlagLogits": _device_checks.LOGITS,
+        "kFlagSoftLabels": _device_checks.SOFT_LABELS,
         "kNumFlagSlots": _device_checks.NUM_SLOTS,
     }
     for name, value in slots.items():
@@ -317,6 +319,56 @@ def test_mix_bad_labels(bounds, checks_off, value):
     v, y, src = mix_in()
     with pytest.raises(RuntimeError, match=r"modality_mix: labels must be class indices"):
         of.modality_mix(v, with_value(y, 5, value), src, C, backend="triton")
+
+
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
+def test_non_finite_logits(bounds, checks_off, value):
+    for multilabel in (False, True):
+        z, y = dw(multilabel)
+        for op in ("dwfuse_loss", "dwfuse_weights"):
+            with pytest.raises(RuntimeError, match=rf"{op}: logits must be finite"):
+                getattr(of, op)(with_value(z, (3, 1, 2), value), y, backend="triton")
+    z2, y2, comb = tla_in()
+    bad = with_value(z2, (5, 4), value)
+    with pytest.raises(RuntimeError, match=r"tla_stats: logits must be finite"):
+        of.tla_stats(bad, y2, comb, M, backend="triton")
+    with pytest.raises(RuntimeError, match=r"tla_loss: logits must be finite"):
+        of.tla_loss(bad, y2, comb, int(comb[5]), backend="triton")
+    q = torch.softmax(z2, 1)
+    with pytest.raises(RuntimeError, match=r"soft_cross_entropy: logits must be finite"):
+        of.soft_cross_entropy(bad, q, backend="triton")
+    with pytest.raises(RuntimeError, match=r"soft_cross_entropy: soft_labels must be finite"):
+        of.soft_cross_entropy(z2, with_value(q, (0, 0), value), backend="triton")
+
+
+def test_tla_loss_checks_only_the_logits_it_reads(bounds, checks_off):
+    """The loss reads the lazy combination's rows only: a NaN elsewhere cannot reach it."""
+    z2, y2, comb = tla_in()
+    comb = with_value(comb, 5, 1)
+    comb[comb == 1] = 2
+    comb[5] = 1
+    bad = with_value(z2, (6, 0), float("nan"))
+    got = of.tla_loss(bad, y2, comb, 1, backend="triton")
+    torch.testing.assert_close(got, of.tla_loss(z2, y2, comb, 1, backend="reference"))
+
+
+@pytest.mark.parametrize("n_cls", [3000])
+def test_non_finite_logits_in_a_later_tile(bounds, checks_off, n_cls):
+    """Rows longer than one tile: the check runs in every tile of the class loop."""
+    z = torch.randn(3, 2, n_cls, generator=gen(9))
+    y = torch.randint(0, n_cls, (3,), generator=gen(10))
+    with pytest.raises(RuntimeError, match=r"dwfuse_loss: logits must be finite"):
+        of.dwfuse_loss(with_value(z, (2, 1, n_cls - 1), float("nan")), padded(y), backend="triton")
+    z2 = torch.randn(3, 5000, generator=gen(11))
+    q = torch.softmax(z2, 1)
+    with pytest.raises(RuntimeError, match=r"soft_cross_entropy: soft_labels must be finite"):
+        of.soft_cross_entropy(padded(z2), with_value(q, (1, 4999), float("inf")), backend="triton")
+    comb = torch.ones(3, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=r"tla_stats: logits must be finite"):
+        of.tla_stats(with_value(z2, (2, 4998), float("-inf")), padded(y), comb, 2, backend="triton")
 
 
 # ------------------------------------------- the backward kernels: bad indices stay inside

@@ -64,6 +64,11 @@ SCRIPT = textwrap.dedent(
         "mix-src-B": lambda: of.modality_mix(v, y, bad(src, B), C, backend=backend),
         "mix-src-huge": lambda: of.modality_mix(v, y, bad(src, 10**9), C, backend=backend),
         "mix-labels": lambda: of.modality_mix(v, bad(y, -3), src, C, backend=backend),
+        "dw-nan": lambda: of.dwfuse_loss(bad(z3.detach(), float("nan")), y, backend=backend),
+        "tla-inf": lambda: of.tla_stats(bad(z2.detach(), float("inf")), y, comb, M,
+                                        backend=backend),
+        "sce-nan": lambda: of.soft_cross_entropy(z2, bad(z2.detach().softmax(1), float("nan")),
+                                                 backend=backend),
     }}
     fn = cases[case]
     if compiled:  # compiling may synchronize: only the eager call is held to no sync
@@ -90,6 +95,9 @@ CASES = {
     "mix-src-B": "src must be source indices in [0, B)",
     "mix-src-huge": "src must be source indices in [0, B)",
     "mix-labels": "labels must be class indices in [0, C)",
+    "dw-nan": "logits must be finite (no NaN or inf)",
+    "tla-inf": "logits must be finite (no NaN or inf)",
+    "sce-nan": "soft_labels must be finite (no NaN or inf)",
 }
 
 

@@ -104,8 +104,12 @@ inline const char* flag_message(int slot) {
       return "comb must be combination ids in [1, 2**M)";
     case gpu::kFlagSrc:
       return "src must be source indices in [0, B)";
-    default:
+    case gpu::kFlagMultilabel:
       return "labels (multilabel) must hold only 0 and 1";
+    case gpu::kFlagLogits:
+      return "logits must be finite (no NaN or inf)";
+    default:
+      return "soft_labels must be finite (no NaN or inf)";
   }
 }
 

@@ -116,7 +116,9 @@ enum FlagSlot : int {
   kFlagComb = 1,        // comb outside [1, 2^M)
   kFlagSrc = 2,         // src outside [0, B)
   kFlagMultilabel = 3,  // multilabel labels other than 0 and 1
-  kNumFlagSlots = 4,
+  kFlagLogits = 4,      // NaN or inf logits
+  kFlagSoftLabels = 5,  // NaN or inf soft labels
+  kNumFlagSlots = 6,
 };
 
 // flags may be nullptr (a backward pass: the forward already checked the same indices).
@@ -130,6 +132,12 @@ __device__ __forceinline__ int checked_label(int64_t y, int C, int* flags) {
   if (y >= 0 && y < C) return static_cast<int>(y);
   flag_bad(flags, kFlagLabels);
   return -1;
+}
+
+// Reports a NaN or +-inf value in `slot` (one compare per element: free next to the load).
+template <typename A>
+__device__ __forceinline__ void check_finite(A x, int* flags, int slot) {
+  if (flags != nullptr && !(fabs(x) < static_cast<A>(INFINITY))) flags[slot] = 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -210,6 +218,7 @@ __device__ __forceinline__ ExpSum<A> group_merge(ExpSum<A> v, int width) {
 //   p_y  = sigmoid(d),  p_c = exp(z_c - lseo) * (1 - p_y) for c != y.
 // With kSumSq, sq = sum_{c != y} exp(z_c - mo)^2 (for the squared distance of TLA).
 // A y outside [0, C) (a bad label, already reported) is never read: z_y is then 0.
+// flags (or nullptr): where a NaN or inf logit of the row is reported (kFlagLogits).
 template <typename A>
 struct ClassRow {
   A lseo;  // logsumexp over c != y
@@ -219,7 +228,7 @@ struct ClassRow {
 
 template <typename T, int VEC, bool kSumSq, typename A = acc_type<T>>
 __device__ __forceinline__ ClassRow<A> class_row(const T* z, int C, int y, int j, int width,
-                                                 bool valid) {
+                                                 bool valid, int* flags) {
   A mo = neg_inf<A>(), so = A(0), sq = A(0);
   if (valid) {
     for (int c0 = j * VEC; c0 < C; c0 += width * VEC) {
@@ -227,8 +236,10 @@ __device__ __forceinline__ ClassRow<A> class_row(const T* z, int C, int y, int j
       load_vec<T, VEC>(z + c0, x);
       A cm = neg_inf<A>();
 #pragma unroll
-      for (int i = 0; i < VEC; ++i)
+      for (int i = 0; i < VEC; ++i) {
+        check_finite(x[i], flags, kFlagLogits);
         if (c0 + i != y) cm = fmax(cm, x[i]);
+      }
       if (cm > mo) {  // rescale once per vector, not per element
         const A r = exp_(mo - cm);
         so *= r;

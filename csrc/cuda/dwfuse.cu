@@ -71,6 +71,7 @@ Tensor dwfuse_weights_cuda(const Tensor& logits, const Tensor& labels, double be
                  "dwfuse_weights");
   });
   flags.raise_if("dwfuse_weights", label_slot(in));
+  flags.raise_if("dwfuse_weights", gpu::kFlagLogits);
   return out;
 }
 
@@ -109,6 +110,7 @@ Tensor dwfuse_loss_cuda(const Tensor& logits, const Tensor& labels, double beta,
                  "dwfuse_loss");
   });
   flags.raise_if("dwfuse_loss", label_slot(in));
+  flags.raise_if("dwfuse_loss", gpu::kFlagLogits);
   return out;
 }
 

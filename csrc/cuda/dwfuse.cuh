@@ -36,7 +36,7 @@ enum Mode : int { kWeights = 0, kLoss = 1, kWeightsBackward = 2, kLossBackward =
 // Inputs shared by every DWFuse launcher. Exactly one of labels_mc (int64 [B]) and labels_ml
 // ([B, C] in the logits' dtype, 0/1) is set. logits is contiguous [B, M, C]. flags (common.cuh,
 // or nullptr): where the forward passes report labels outside [0, C) (multiclass) or other
-// than 0/1 (multilabel); a bad class id is never dereferenced, in any pass.
+// than 0/1 (multilabel), and NaN/inf logits; a bad class id is never dereferenced, in any pass.
 template <typename T>
 struct Args {
   const T* logits;
@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kThreads)
     const bool valid = b < B && m < M;
     const int y = valid ? checked_label(labels[b], C, flags) : 0;  // -1 when bad
     const T* row = z + (b * M + m) * static_cast<int64_t>(C);
-    const ClassRow<A> r = class_row<T, VEC, false>(row, C, y, j, G, valid);
+    const ClassRow<A> r = class_row<T, VEC, false>(row, C, y, j, G, valid, flags);
     const A d = r.zy - r.lseo;  // logit of p_y: p_y = sigmoid(d)
     const A ce = valid ? softplus(-d) : A(0);
     const A lc = valid ? -softplus(d) : A(0);  // log(1 - p_y), exact
@@ -175,6 +175,7 @@ __global__ void __launch_bounds__(kThreads)
         load_vec<T, VEC>(z + (b * M + m) * C + l0, u[m]);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
+          check_finite(u[m][i], flags, kFlagLogits);
           u[m][i] *= sg[i];               // u > 0 when the prediction leans to the true value
           lc[m][i] = -softplus(u[m][i]);  // log(1 - p) = log sigmoid(-u)
         }

@@ -325,13 +325,18 @@ __device__ __forceinline__ SoftState<A> soft_merge(SoftState<A> a, SoftState<A> 
 
 template <typename T, int VEC, typename A>
 __device__ __forceinline__ SoftState<A> soft_row(const T* z, const T* q, int C, int j, int width,
-                                                 bool valid) {
+                                                 bool valid, int* flags) {
   SoftState<A> st{neg_inf<A>(), A(0), A(0), A(0)};
   if (valid) {
     for (int c0 = j * VEC; c0 < C; c0 += width * VEC) {
       A x[VEC], w[VEC];
       load_vec<T, VEC>(z + c0, x);
       load_vec<T, VEC>(q + c0, w);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        check_finite(x[i], flags, kFlagLogits);
+        check_finite(w[i], flags, kFlagSoftLabels);
+      }
       A cm = x[0];
 #pragma unroll
       for (int i = 1; i < VEC; ++i) cm = fmax(cm, x[i]);
@@ -362,7 +367,7 @@ template <typename T, int VEC, bool kBackward, typename A = acc_type<T>>
 __global__ void __launch_bounds__(kThreads)
     soft_ce_kernel(const T* __restrict__ z, const T* __restrict__ q, int64_t B, int C, int G,
                    const A* __restrict__ grad, A inv_b, A* __restrict__ partials,
-                   T* __restrict__ grad_z, T* __restrict__ grad_q) {
+                   T* __restrict__ grad_z, T* __restrict__ grad_q, int* __restrict__ flags) {
   __shared__ A scratch[kWarp];
   const int lane = threadIdx.x % kWarp;
   const int spw = kWarp / G;
@@ -376,7 +381,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t b = base + slot;
     const bool valid = b < B;
     const int64_t off = b * static_cast<int64_t>(C);
-    const SoftState<A> st = soft_row<T, VEC, A>(z + off, q + off, C, j, G, valid);
+    const SoftState<A> st = soft_row<T, VEC, A>(z + off, q + off, C, j, G, valid, flags);
     const A lse_shift = valid ? log_(st.se) : A(0);  // lse - max
     if (!kBackward) {
       if (valid && j == 0) local += st.p + st.q * lse_shift;
@@ -424,10 +429,11 @@ inline int64_t soft_ce_num_partials(const T* z, const T* q, int64_t B, int C) {
   return soft_layout<T>(z, q, B, C, nullptr, nullptr).grid;
 }
 
-// mean_b -sum_c q log_softmax(z) (an empty batch gives 0); partials: soft_ce_num_partials.
+// mean_b -sum_c q log_softmax(z) (an empty batch gives 0); partials: soft_ce_num_partials;
+// flags: common.cuh's flag tensor (NaN/inf logits and soft labels are reported).
 template <typename T>
 cudaError_t soft_ce_forward(const T* z, const T* q, int64_t B, int C, acc_type<T>* partials,
-                            T* loss, cudaStream_t stream) {
+                            T* loss, int* flags, cudaStream_t stream) {
   using A = acc_type<T>;
   int64_t n = 0;
   if (B > 0) {
@@ -435,10 +441,10 @@ cudaError_t soft_ce_forward(const T* z, const T* q, int64_t B, int C, acc_type<T
     constexpr int V = vec16<T>();
     if (l.vec == V)
       soft_ce_kernel<T, V, false, A><<<l.grid, kThreads, 0, stream>>>(
-          z, q, B, C, l.g, nullptr, A(0), partials, nullptr, nullptr);
+          z, q, B, C, l.g, nullptr, A(0), partials, nullptr, nullptr, flags);
     else
       soft_ce_kernel<T, 1, false, A><<<l.grid, kThreads, 0, stream>>>(
-          z, q, B, C, l.g, nullptr, A(0), partials, nullptr, nullptr);
+          z, q, B, C, l.g, nullptr, A(0), partials, nullptr, nullptr, flags);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     n = l.grid;
@@ -459,10 +465,12 @@ cudaError_t soft_ce_backward(const acc_type<T>* grad, const T* z, const T* q, in
   constexpr int V = vec16<T>();
   if (l.vec == V)
     soft_ce_kernel<T, V, true, A>
-        <<<l.grid, kThreads, 0, stream>>>(z, q, B, C, l.g, grad, inv, nullptr, grad_z, grad_q);
+        <<<l.grid, kThreads, 0, stream>>>(z, q, B, C, l.g, grad, inv, nullptr, grad_z, grad_q,
+                                          nullptr);
   else
     soft_ce_kernel<T, 1, true, A>
-        <<<l.grid, kThreads, 0, stream>>>(z, q, B, C, l.g, grad, inv, nullptr, grad_z, grad_q);
+        <<<l.grid, kThreads, 0, stream>>>(z, q, B, C, l.g, grad, inv, nullptr, grad_z, grad_q,
+                                          nullptr);
   return cudaGetLastError();
 }
 
@@ -477,7 +485,7 @@ cudaError_t soft_ce_backward(const acc_type<T>* grad, const T* z, const T* q, in
   template cudaError_t omnifuse_fast::gpu::mix::mix_backward<T>(                                  \
       const T*, const int64_t*, int64_t, int, int64_t, int64_t, void*, size_t, T*, cudaStream_t); \
   template cudaError_t omnifuse_fast::gpu::mix::soft_ce_forward<T>(                               \
-      const T*, const T*, int64_t, int, omnifuse_fast::gpu::acc_type<T>*, T*, cudaStream_t);      \
+      const T*, const T*, int64_t, int, omnifuse_fast::gpu::acc_type<T>*, T*, int*, cudaStream_t); \
   template cudaError_t omnifuse_fast::gpu::mix::soft_ce_backward<T>(                              \
       const omnifuse_fast::gpu::acc_type<T>*, const T*, const T*, int64_t, int, T*, T*,           \
       cudaStream_t);

@@ -72,6 +72,7 @@ std::tuple<Tensor, Tensor> tla_stats_cuda(const Tensor& logits, const Tensor& la
   });
   flags.raise_if("tla_stats", gpu::kFlagLabels);
   flags.raise_if("tla_stats", gpu::kFlagComb);
+  flags.raise_if("tla_stats", gpu::kFlagLogits);
   return {sums, counts};
 }
 
@@ -97,6 +98,7 @@ Tensor tla_loss_cuda(const Tensor& logits, const Tensor& labels, const Tensor& c
   });
   flags.raise_if("tla_loss", gpu::kFlagLabels);
   flags.raise_if("tla_loss", gpu::kFlagComb);
+  flags.raise_if("tla_loss", gpu::kFlagLogits);
   return out;
 }
 

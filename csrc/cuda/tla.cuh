@@ -18,7 +18,8 @@
 // the same way, and every block reads the same total.
 // Value checks (common.cuh): a label outside [0, C) or a comb outside [1, 2^M) (the stats' bins;
 // [1, 256) for the loss, which does not know M) is reported in flags and its sample left out:
-// no logit row, shared bin or global bin is ever addressed with it.
+// no logit row, shared bin or global bin is ever addressed with it. NaN/inf logits of the rows
+// read (every row for the stats, the lazy combination's for the loss) are reported too.
 #pragma once
 
 #include "common.cuh"
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(kThreads)
       valid = y >= 0 && id >= 1 && id < bins;
     }
     const ClassRow<A> r =
-        class_row<T, VEC, kDist == kL2>(z + b * static_cast<int64_t>(C), C, y, j, G, valid);
+        class_row<T, VEC, kDist == kL2>(z + b * static_cast<int64_t>(C), C, y, j, G, valid, flags);
     const bool leader = valid && j == 0;
     const float dist = leader ? static_cast<float>(distance<kDist>(r)) : 0.f;
     // lanes that hold no sample get keys of their own (>= bins): they never match a real one
@@ -203,7 +204,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     // unmasked samples read nothing (class_row skips the loads) but join the shuffles
     const ClassRow<A> r =
-        class_row<T, VEC, false>(z + b * static_cast<int64_t>(C), C, y, j, G, in_mask);
+        class_row<T, VEC, false>(z + b * static_cast<int64_t>(C), C, y, j, G, in_mask, flags);
     if (in_mask && j == 0) {
       sum += softplus(r.lseo - r.zy);
       cnt += A(1);
@@ -301,7 +302,7 @@ __global__ void __launch_bounds__(kThreads)
     const int y = valid && comb[b] == lazy ? checked_label(labels[b], C, nullptr) : -1;
     const bool in_mask = y >= 0;  // a bad label (reported by the forward) is left out
     const T* row = z + b * static_cast<int64_t>(C);
-    const ClassRow<A> r = class_row<T, VEC, false>(row, C, y, j, G, in_mask);
+    const ClassRow<A> r = class_row<T, VEC, false>(row, C, y, j, G, in_mask, nullptr);
     if (!valid) continue;
     T* grow = out + b * static_cast<int64_t>(C);
     // c != y: scale * p_c = kappa * exp(z_c - lseo); c = y: scale * (p_y - 1) = -kappa

@@ -15,8 +15,16 @@ def flag_if(flags_ptr, SLOT: tl.constexpr, bad):
     tl.store(flags_ptr + SLOT, 0, mask=any_bad > 0)
 
 
+@jit
+def flag_nonfinite(flags_ptr, SLOT: tl.constexpr, x, ok):
+    """Store 0 in ``flags[SLOT]`` when an element of ``x`` where ``ok`` is NaN or +-inf."""
+    flag_if(flags_ptr, SLOT, ok & ~(tl.abs(x) < float("inf")))
+
+
 # The slots as constexprs: a Triton kernel may read a global only when it is a constexpr.
 LABELS = tl.constexpr(_dc.LABELS)
 COMB = tl.constexpr(_dc.COMB)
 SRC = tl.constexpr(_dc.SRC)
 MULTILABEL = tl.constexpr(_dc.MULTILABEL)
+LOGITS = tl.constexpr(_dc.LOGITS)
+SOFT_LABELS = tl.constexpr(_dc.SOFT_LABELS)

@@ -32,7 +32,7 @@ from omnifuse_fast.triton._common import (
     softplus,
     use_reference,
 )
-from omnifuse_fast.triton._flags import LABELS, MULTILABEL, flag_if
+from omnifuse_fast.triton._flags import LABELS, LOGITS, MULTILABEL, flag_if, flag_nonfinite
 
 _TILE = 4096  # fp32 elements of one [BLOCK_B, M, BLOCK_C] tile
 
@@ -74,7 +74,7 @@ def _dwfuse_mc_kernel(
     scale,
     MODE: tl.constexpr,  # 0 omega, 1 loss partials, 2 loss grad, 3 omega grad
     DETACH: tl.constexpr,
-    CHECK: tl.constexpr,  # report bad labels in flags_ptr (the forward modes)
+    CHECK: tl.constexpr,  # report bad labels and logits in flags_ptr (the forward modes)
     BLOCK_B: tl.constexpr,
     MP: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -100,6 +100,8 @@ def _dwfuse_mc_kernel(
     if ONE_TILE:
         ok = row_ok & (c3 < C)
         z = tl.load(zrow + c3, mask=ok, other=ninf).to(tl.float32)
+        if CHECK:
+            flag_nonfinite(flags_ptr, LOGITS, z, ok)
         is_y = c3 == y
         m_all, s_all = online_lse(m_all, s_all, z, 2)
         m_oth, s_oth = online_lse(m_oth, s_oth, tl.where(is_y, ninf, z), 2)
@@ -109,6 +111,8 @@ def _dwfuse_mc_kernel(
             cc = c0 + c3
             okc = row_ok & (cc < C)
             zc = tl.load(zrow + cc, mask=okc, other=ninf).to(tl.float32)
+            if CHECK:
+                flag_nonfinite(flags_ptr, LOGITS, zc, okc)
             is_yc = cc == y
             m_all, s_all = online_lse(m_all, s_all, zc, 2)
             m_oth, s_oth = online_lse(m_oth, s_oth, tl.where(is_yc, ninf, zc), 2)
@@ -188,6 +192,7 @@ def _dwfuse_ml_kernel(
         y = tl.load(y_ptr + b3 * C + cc, mask=(b3 < B) & (cc < C), other=0.0).to(tl.float32)
         if CHECK:
             flag_if(flags_ptr, MULTILABEL, (b3 < B) & (cc < C) & (y != 0.0) & (y != 1.0))
+            flag_nonfinite(flags_ptr, LOGITS, z, ok)
         sg = 1.0 - 2.0 * y  # +1 for label 0, -1 for label 1
         t = sg * z
         ce = tl.where(ok, softplus(t), 0.0)  # BCE with logits
@@ -237,9 +242,9 @@ def _launch(mode: int, logits, labels, out, gin, beta: float, detach: bool, flag
         launch(_dwfuse_mc_kernel, (programs,), *args, 1.0 / bsz, ONE_TILE=block_c >= c, **common)
 
 
-def _raise_if_bad_labels(flags: torch.Tensor, op: str, labels: torch.Tensor) -> None:
+def _raise_if_bad_values(flags: torch.Tensor, op: str, labels: torch.Tensor) -> None:
     slot = _device_checks.MULTILABEL if labels.dim() == 2 else _device_checks.LABELS
-    _device_checks.raise_if_flagged(flags, op, slot)
+    _device_checks.raise_if_flagged(flags, op, slot, _device_checks.LOGITS)
 
 
 @triton_op("omnifuse_fast_triton::dwfuse_weights", mutates_args=())
@@ -249,7 +254,7 @@ def _weights_op(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torc
     omega = torch.empty(shape, dtype=logits.dtype, device=logits.device)
     flags = _device_checks.new_flags(logits.device)
     _launch(0, logits, labels, omega, omega, beta, True, flags)
-    _raise_if_bad_labels(flags, "dwfuse_weights", labels)
+    _raise_if_bad_values(flags, "dwfuse_weights", labels)
     return omega
 
 
@@ -271,7 +276,7 @@ def _loss_op(
     partials = torch.empty(_config(logits)[3], dtype=torch.float32, device=logits.device)
     flags = _device_checks.new_flags(logits.device)
     _launch(1, logits, labels, partials, partials, beta, detach_weight, flags)
-    _raise_if_bad_labels(flags, "dwfuse_loss", labels)
+    _raise_if_bad_values(flags, "dwfuse_loss", labels)
     denom = logits.shape[0] * (logits.shape[2] if labels.dim() == 2 else 1)
     return (partials.sum() / denom).to(logits.dtype)
 

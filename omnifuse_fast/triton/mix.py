@@ -36,7 +36,7 @@ from omnifuse_fast.triton._common import (
     online_lse,
     use_reference,
 )
-from omnifuse_fast.triton._flags import LABELS, SRC, flag_if
+from omnifuse_fast.triton._flags import LABELS, LOGITS, SOFT_LABELS, SRC, flag_if, flag_nonfinite
 
 SCATTER_MODES = ("deterministic", "atomic")
 _scatter_mode = "deterministic"
@@ -216,10 +216,11 @@ def _soft_ce_kernel(
     out_ptr,
     gq_ptr,
     gin_ptr,
+    flags_ptr,
     B,
     C,
     scale,
-    MODE: tl.constexpr,  # 0 loss partials, 1 gradients
+    MODE: tl.constexpr,  # 0 loss partials (and the finiteness check), 1 gradients
     NEED_GQ: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -236,6 +237,9 @@ def _soft_ce_kernel(
         ok = (b < B) & (c < C)
         z = tl.load(z_ptr + b * C + c, mask=ok, other=ninf).to(tl.float32)
         q = tl.load(q_ptr + b * C + c, mask=ok, other=0.0).to(tl.float32)
+        if MODE == 0:
+            flag_nonfinite(flags_ptr, LOGITS, z, ok)
+            flag_nonfinite(flags_ptr, SOFT_LABELS, q, ok)
         m_run, s_run = online_lse(m_run, s_run, z, 1)
         qsum = tl.sum(q, axis=1, keep_dims=True)
     else:
@@ -244,6 +248,9 @@ def _soft_ce_kernel(
             zc = tl.load(z_ptr + b * C + c0 + c, mask=okc, other=ninf).to(tl.float32)
             m_run, s_run = online_lse(m_run, s_run, zc, 1)
             qc = tl.load(q_ptr + b * C + c0 + c, mask=okc, other=0.0).to(tl.float32)
+            if MODE == 0:
+                flag_nonfinite(flags_ptr, LOGITS, zc, okc)
+                flag_nonfinite(flags_ptr, SOFT_LABELS, qc, okc)
             qsum += tl.sum(qc, axis=1, keep_dims=True)
     m, s, log_s = lse_finish(m_run, s_run)
     if MODE == 0:
@@ -291,6 +298,9 @@ def _mix_op(
     weights: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     bsz, m, d = v.shape
+    # metadata only: the kernel reads src as [M, B] and bounds its values by B
+    torch._check(tuple(src.shape) == (m, bsz), lambda: "src must be [M, B]")
+    torch._check(tuple(labels.shape) == (bsz,), lambda: "labels must be [B]")
     v = v.contiguous()
     v_mix = torch.empty_like(v)
     soft = torch.empty(bsz, num_classes, dtype=v.dtype, device=v.device)
@@ -420,7 +430,8 @@ def _soft_ce_config(logits: torch.Tensor) -> tuple[int, int, int]:
     return block_b, block_c, triton.cdiv(bsz, block_b)
 
 
-def _soft_ce_launch(mode, logits, soft, out, gq, gin, need_gq) -> None:
+def _soft_ce_launch(mode, logits, soft, out, gq, gin, need_gq, flags=None) -> None:
+    """With ``flags`` (the forward, mode 0) the kernel reports non-finite inputs."""
     bsz, c = logits.shape
     block_b, block_c, programs = _soft_ce_config(logits)
     launch(
@@ -431,6 +442,7 @@ def _soft_ce_launch(mode, logits, soft, out, gq, gin, need_gq) -> None:
         out,
         gq,
         gin,
+        out if flags is None else flags,
         bsz,
         c,
         1.0 / bsz,
@@ -448,8 +460,12 @@ def _soft_ce_op(logits: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tensor
     partials = torch.zeros(
         max(_soft_ce_config(logits)[2], 1), dtype=torch.float32, device=logits.device
     )
+    flags = _device_checks.new_flags(logits.device)
     if logits.shape[0]:
-        _soft_ce_launch(0, logits, soft_labels, partials, partials, partials, False)
+        _soft_ce_launch(0, logits, soft_labels, partials, partials, partials, False, flags)
+    _device_checks.raise_if_flagged(
+        flags, "soft_cross_entropy", _device_checks.LOGITS, _device_checks.SOFT_LABELS
+    )
     return (partials.sum() / max(logits.shape[0], 1)).to(logits.dtype)  # empty batch: 0
 
 

@@ -27,11 +27,12 @@ from omnifuse_fast.triton._common import (
     online_lse,
     use_reference,
 )
-from omnifuse_fast.triton._flags import COMB, LABELS, flag_if
+from omnifuse_fast.triton._flags import COMB, LABELS, LOGITS, flag_if, flag_nonfinite
 
 _DISTANCE_IDS = {"ce": 0, "l1": 1, "l2": 2}
 _TILE = 4096  # fp32 elements of one [BLOCK_B, BLOCK_C] tile
 _COMB_HI_ANY_M = 1 << 8  # tla_loss does not know M: comb ids of up to 8 modalities
+_CHECKED = (_device_checks.LABELS, _device_checks.COMB, _device_checks.LOGITS)
 
 
 @jit
@@ -95,6 +96,8 @@ def _row_block(
     if ONE_TILE:
         ok = row_ok & (c < C)
         z = tl.load(zrow + c, mask=ok, other=ninf).to(tl.float32)
+        if CHECK:  # the rows read: all for the stats, the lazy combination's for the loss
+            flag_nonfinite(flags_ptr, LOGITS, z, ok)
         is_y = c == y
         m_run, s_run = online_lse(m_run, s_run, z, 1)
         zt = tl.sum(tl.where(is_y & ok, z, 0.0), axis=1, keep_dims=True)
@@ -102,6 +105,8 @@ def _row_block(
         for c0 in range(0, C, BLOCK_C):
             okc = row_ok & (c0 + c < C)
             zc = tl.load(zrow + c0 + c, mask=okc, other=ninf).to(tl.float32)
+            if CHECK:
+                flag_nonfinite(flags_ptr, LOGITS, zc, okc)
             m_run, s_run = online_lse(m_run, s_run, zc, 1)
             zt += tl.sum(tl.where((c0 + c == y) & okc, zc, 0.0), axis=1, keep_dims=True)
     m, s, log_s = lse_finish(m_run, s_run)
@@ -152,7 +157,7 @@ def _tla_kernel(
     BLOCK_C: tl.constexpr,
     ONE_TILE: tl.constexpr,
     NB: tl.constexpr,  # bins (2**M) of the histogram, MODE 0
-    CHECK: tl.constexpr,  # report labels outside [0, C) and comb outside [1, comb_hi)
+    CHECK: tl.constexpr,  # report labels outside [0, C), comb outside [1, comb_hi), NaN/inf
 ):
     """P programs, each looping over every P-th block of rows and keeping its partial sums (a
     histogram of NB bins for MODE 0) in registers: the partials stay few, whatever B."""
@@ -314,7 +319,7 @@ def _tla_stats_op(
         flags=flags,
         comb_hi=nbins,
     )
-    _device_checks.raise_if_flagged(flags, "tla_stats", _device_checks.LABELS, _device_checks.COMB)
+    _device_checks.raise_if_flagged(flags, "tla_stats", *_CHECKED)
     block = min(nbins, 64)
     launch(
         _bin_reduce_kernel,
@@ -352,7 +357,7 @@ def _tla_loss_op(
         flags=flags,
         comb_hi=_COMB_HI_ANY_M,
     )
-    _device_checks.raise_if_flagged(flags, "tla_loss", _device_checks.LABELS, _device_checks.COMB)
+    _device_checks.raise_if_flagged(flags, "tla_loss", *_CHECKED)
     # sum / count, and a real 0 (not NaN) when no sample is of the lazy combination
     return (psum.sum() / pcnt.sum().clamp_min(1)).to(logits.dtype)
 
