@@ -34,7 +34,12 @@ SRC = 2
 MULTILABEL = 3
 LOGITS = 4
 SOFT_LABELS = 5
-NUM_SLOTS = 6
+PRESENT = 6
+WEIGHTS = 7
+NUM_SLOTS = 8
+
+# |sum_m w[b, m] - 1| above this is off the simplex (the reference check's allclose atol+rtol).
+SIMPLEX_TOL = 1e-3 + 1e-5
 
 # What each slot checks. csrc/cuda/binding.h holds the same strings (a test compares them).
 MESSAGES: dict[int, str] = {
@@ -44,6 +49,8 @@ MESSAGES: dict[int, str] = {
     MULTILABEL: "labels (multilabel) must hold only 0 and 1",
     LOGITS: "logits must be finite (no NaN or inf)",
     SOFT_LABELS: "soft_labels must be finite (no NaN or inf)",
+    PRESENT: "present has a sample with no present modality",
+    WEIGHTS: "weights must be on the simplex: >= 0 and summing to 1 over M",
 }
 
 

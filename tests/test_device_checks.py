@@ -184,6 +184,8 @@ def test_cuda_sources_use_the_same_slots_and_messages():
         "kFlagMultilabel": _device_checks.MULTILABEL,
         "kFlagLogits": _device_checks.LOGITS,
         "kFlagSoftLabels": _device_checks.SOFT_LABELS,
+        "kFlagPresent": _device_checks.PRESENT,
+        "kFlagWeights": _device_checks.WEIGHTS,
         "kNumFlagSlots": _device_checks.NUM_SLOTS,
     }
     for name, value in slots.items():
@@ -192,6 +194,8 @@ def test_cuda_sources_use_the_same_slots_and_messages():
     body = body[: body.index("\n}\n")]
     assert set(re.findall(r'return "([^"]+)";', body)) == set(_device_checks.MESSAGES.values())
     assert "(value check on the device)" in binding
+    assert "kSimplexTol = 1e-3f + 1e-5f;" in common
+    assert _device_checks.SIMPLEX_TOL == 1e-3 + 1e-5
     assert _device_checks.message("x", 0).endswith("(value check on the device)")
 
 
@@ -319,6 +323,33 @@ def test_mix_bad_labels(bounds, checks_off, value):
     v, y, src = mix_in()
     with pytest.raises(RuntimeError, match=r"modality_mix: labels must be class indices"):
         of.modality_mix(v, with_value(y, 5, value), src, C, backend="triton")
+
+
+def test_present_without_a_modality(bounds, checks_off):
+    present = torch.rand(B, M, generator=gen(12)) < 0.5
+    present[:, 0] = True
+    torch.testing.assert_close(
+        of.combination_ids(padded(present), backend="triton"), of.combination_ids(present)
+    )
+    present[6] = False
+    with pytest.raises(RuntimeError, match=r"combination_ids: present has a sample with no"):
+        of.combination_ids(padded(present), backend="triton")
+
+
+@pytest.mark.parametrize("case", ["negative", "sum-above", "sum-below", "nan"])
+def test_mix_weights_off_the_simplex(bounds, checks_off, case):
+    v, y, src = mix_in()
+    w = torch.full((B, M), 1.0 / M)
+    w[4] = {
+        "negative": torch.tensor([1.5, -0.5, 0.0]),
+        "sum-above": torch.tensor([0.5, 0.5, 0.1]),
+        "sum-below": torch.tensor([0.3, 0.3, 0.3]),
+        "nan": torch.tensor([float("nan"), 0.5, 0.5]),
+    }[case]
+    with pytest.raises(RuntimeError, match=r"modality_mix: weights must be on the simplex"):
+        of.modality_mix(v, y, src, C, padded(w), backend="triton")
+    w[4] = torch.tensor([0.2, 0.3, 0.5 + 5e-4])  # within the reference check's tolerance
+    of.modality_mix(v, y, src, C, padded(w), backend="triton")
 
 
 NON_FINITE = [float("nan"), float("inf"), float("-inf")]

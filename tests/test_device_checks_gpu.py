@@ -46,6 +46,9 @@ SCRIPT = textwrap.dedent(
     v = torch.randn(B, M, D, device="cuda", generator=g, requires_grad=True)
     src = torch.stack([torch.randperm(B, device="cuda", generator=g) for _ in range(M)])
     ml = torch.randint(0, 2, (B, C), device="cuda", generator=g).float()
+    w = torch.full((B, M), 1.0 / M, device="cuda")
+    no_modality = torch.ones(B, M, dtype=torch.bool, device="cuda")
+    no_modality[B // 2] = False
 
     def bad(t, value, index=B // 2):
         t = t.clone()
@@ -69,6 +72,8 @@ SCRIPT = textwrap.dedent(
                                         backend=backend),
         "sce-nan": lambda: of.soft_cross_entropy(z2, bad(z2.detach().softmax(1), float("nan")),
                                                  backend=backend),
+        "present": lambda: of.combination_ids(no_modality, backend=backend),
+        "mix-weights": lambda: of.modality_mix(v, y, src, C, bad(w, -1.0), backend=backend),
     }}
     fn = cases[case]
     if compiled:  # compiling may synchronize: only the eager call is held to no sync
@@ -98,6 +103,8 @@ CASES = {
     "dw-nan": "logits must be finite (no NaN or inf)",
     "tla-inf": "logits must be finite (no NaN or inf)",
     "sce-nan": "soft_labels must be finite (no NaN or inf)",
+    "present": "present has a sample with no present modality",
+    "mix-weights": "weights must be on the simplex",
 }
 
 

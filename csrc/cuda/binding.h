@@ -108,8 +108,12 @@ inline const char* flag_message(int slot) {
       return "labels (multilabel) must hold only 0 and 1";
     case gpu::kFlagLogits:
       return "logits must be finite (no NaN or inf)";
-    default:
+    case gpu::kFlagSoftLabels:
       return "soft_labels must be finite (no NaN or inf)";
+    case gpu::kFlagPresent:
+      return "present has a sample with no present modality";
+    default:
+      return "weights must be on the simplex: >= 0 and summing to 1 over M";
   }
 }
 

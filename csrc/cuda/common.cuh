@@ -118,8 +118,13 @@ enum FlagSlot : int {
   kFlagMultilabel = 3,  // multilabel labels other than 0 and 1
   kFlagLogits = 4,      // NaN or inf logits
   kFlagSoftLabels = 5,  // NaN or inf soft labels
-  kNumFlagSlots = 6,
+  kFlagPresent = 6,     // a sample with no present modality
+  kFlagWeights = 7,     // mixing weights off the simplex
+  kNumFlagSlots = 8,
 };
+
+// |sum_m w[b, m] - 1| above this is off the simplex (_device_checks.SIMPLEX_TOL).
+constexpr float kSimplexTol = 1e-3f + 1e-5f;
 
 // flags may be nullptr (a backward pass: the forward already checked the same indices).
 __device__ __forceinline__ void flag_bad(int* flags, int slot) {

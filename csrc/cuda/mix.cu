@@ -47,6 +47,7 @@ std::tuple<Tensor, Tensor> modality_mix_cuda(const Tensor& v_in, const Tensor& l
   });
   flags.raise_if(op, gpu::kFlagSrc);
   flags.raise_if(op, gpu::kFlagLabels);
+  if (weights.defined()) flags.raise_if(op, gpu::kFlagWeights);
   return {v_mix, soft};
 }
 

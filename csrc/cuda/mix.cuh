@@ -101,6 +101,18 @@ __global__ void __launch_bounds__(kThreads)
         same = same && labs[m] == labs[0];
       }
     }
+    if (weights != nullptr && lane == 0) {  // on the simplex? (only read: reported)
+      A sum = A(0);
+      bool neg = false;
+#pragma unroll
+      for (int m = 0; m < kMaxM; ++m) {
+        if (m < M) {
+          sum += ws[m];
+          neg = neg || !(ws[m] >= A(0));  // "not >= 0": NaN is reported too
+        }
+      }
+      if (neg || !(fabs(sum - A(1)) <= static_cast<A>(kSimplexTol))) flag_bad(flags, kFlagWeights);
+    }
     T* row = out + b * static_cast<int64_t>(C);
     for (int c = lane; c < C; c += kWarp) {
       A q = A(0);

@@ -16,11 +16,14 @@ Tensor combination_ids_cuda(const Tensor& present_in) {
   const c10::cuda::CUDAGuard guard(present_in.device());
   const Tensor present = present_in.contiguous();
   Tensor comb = at::empty({present.size(0)}, present.options().dtype(at::kLong));
+  DeviceFlags flags(comb);
   check_launch(
       gk::combination_ids(reinterpret_cast<const uint8_t*>(present.const_data_ptr<bool>()),
                           present.size(0), static_cast<int>(present.size(1)),
-                          comb.mutable_data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream()),
+                          comb.mutable_data_ptr<int64_t>(), flags.ptr(),
+                          at::cuda::getCurrentCUDAStream()),
       "combination_ids");
+  flags.raise_if("combination_ids", gpu::kFlagPresent);
   return comb;
 }
 

@@ -36,21 +36,24 @@ enum Distance : int { kCE = 0, kL1 = 1, kL2 = 2 };
 
 // --------------------------------------------------------------------- combination ids
 // comb[b] = sum_m present[b, m] << m, one thread per sample (present: bool [B, M] as bytes).
+// A sample with no present modality (id 0) is reported in flags (kFlagPresent).
 __global__ void __launch_bounds__(kThreads)
     combination_ids_kernel(const uint8_t* __restrict__ present, int64_t B, int M,
-                           int64_t* __restrict__ comb) {
+                           int64_t* __restrict__ comb, int* __restrict__ flags) {
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < B;
        b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     int64_t id = 0;
     for (int m = 0; m < M; ++m) id |= static_cast<int64_t>(present[b * M + m] != 0) << m;
+    if (id == 0) flag_bad(flags, kFlagPresent);
     comb[b] = id;
   }
 }
 
 inline cudaError_t combination_ids(const uint8_t* present, int64_t B, int M, int64_t* comb,
-                                   cudaStream_t stream) {
+                                   int* flags, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
-  combination_ids_kernel<<<grid_for(B, kThreads), kThreads, 0, stream>>>(present, B, M, comb);
+  combination_ids_kernel<<<grid_for(B, kThreads), kThreads, 0, stream>>>(present, B, M, comb,
+                                                                          flags);
   return cudaGetLastError();
 }
 

@@ -36,7 +36,16 @@ from omnifuse_fast.triton._common import (
     online_lse,
     use_reference,
 )
-from omnifuse_fast.triton._flags import LABELS, LOGITS, SOFT_LABELS, SRC, flag_if, flag_nonfinite
+from omnifuse_fast.triton._flags import (
+    LABELS,
+    LOGITS,
+    SIMPLEX_TOL,
+    SOFT_LABELS,
+    SRC,
+    WEIGHTS,
+    flag_if,
+    flag_nonfinite,
+)
 
 SCATTER_MODES = ("deterministic", "atomic")
 _scatter_mode = "deterministic"
@@ -97,8 +106,11 @@ def _mix_kernel(
         tl.store(vmix_ptr + (b3 * M + m3) * D + d0 + d3, vals, mask=okd)
     # proportion labels: q[b] = sum_m w[b, m] onehot(y[src[m, b]])
     ys = tl.load(y_ptr + src, mask=src_ok, other=0)  # [BB, MP, 1]
-    if HAS_W:
+    if HAS_W:  # on the simplex: >= 0 and summing to 1 over M (only read: reported)
         w = tl.load(w_ptr + b3 * M + m3, mask=ok, other=0.0)
+        # written as "not inside" so that NaN weights are reported too
+        off = ~(tl.abs(tl.sum(w, axis=1, keep_dims=True) - 1.0) <= SIMPLEX_TOL)
+        flag_if(flags_ptr, WEIGHTS, (ok & ~(w >= 0.0)) | ((b3 < B) & off))
     else:
         w = tl.where(ok, 1.0 / M, 0.0)
     y0 = tl.sum(tl.where(m3 == 0, ys, 0), axis=1, keep_dims=True)  # [BB, 1, 1]
@@ -330,9 +342,10 @@ def _mix_op(
         BLOCK_D=block_d,
         BLOCK_C=block_c,
     )
-    _device_checks.raise_if_flagged(
-        flags, "modality_mix", _device_checks.SRC, _device_checks.LABELS
-    )
+    checked = (_device_checks.SRC, _device_checks.LABELS)
+    if has_w:
+        checked += (_device_checks.WEIGHTS,)
+    _device_checks.raise_if_flagged(flags, "modality_mix", *checked)
     return v_mix, soft
 
 

@@ -27,7 +27,7 @@ from omnifuse_fast.triton._common import (
     online_lse,
     use_reference,
 )
-from omnifuse_fast.triton._flags import COMB, LABELS, LOGITS, flag_if, flag_nonfinite
+from omnifuse_fast.triton._flags import COMB, LABELS, LOGITS, PRESENT, flag_if, flag_nonfinite
 
 _DISTANCE_IDS = {"ce": 0, "l1": 1, "l2": 2}
 _TILE = 4096  # fp32 elements of one [BLOCK_B, BLOCK_C] tile
@@ -36,12 +36,16 @@ _CHECKED = (_device_checks.LABELS, _device_checks.COMB, _device_checks.LOGITS)
 
 
 @jit
-def _combination_ids_kernel(p_ptr, out_ptr, B, M, BLOCK_B: tl.constexpr, MP: tl.constexpr):
+def _combination_ids_kernel(
+    p_ptr, out_ptr, flags_ptr, B, M, BLOCK_B: tl.constexpr, MP: tl.constexpr
+):
     b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     m = tl.arange(0, MP)
     ok = (b[:, None] < B) & (m[None, :] < M)
     bits = tl.load(p_ptr + b[:, None] * M + m[None, :], mask=ok, other=0).to(tl.int64)
-    tl.store(out_ptr + b, tl.sum(bits << m[None, :].to(tl.int64), axis=1), mask=b < B)
+    ids = tl.sum(bits << m[None, :].to(tl.int64), axis=1)
+    flag_if(flags_ptr, PRESENT, (b < B) & (ids == 0))  # a sample with no modality
+    tl.store(out_ptr + b, ids, mask=b < B)
 
 
 @jit
@@ -274,6 +278,7 @@ def _launch(
 def _combination_ids_op(present: torch.Tensor) -> torch.Tensor:
     bsz, m = present.shape
     out = torch.empty(bsz, dtype=torch.int64, device=present.device)
+    flags = _device_checks.new_flags(present.device)
     if bsz:
         block_b = 128
         launch(
@@ -281,11 +286,13 @@ def _combination_ids_op(present: torch.Tensor) -> torch.Tensor:
             (triton.cdiv(bsz, block_b),),
             present.contiguous().view(torch.uint8),
             out,
+            flags,
             bsz,
             m,
             BLOCK_B=block_b,
             MP=next_pow2(m),
         )
+    _device_checks.raise_if_flagged(flags, "combination_ids", _device_checks.PRESENT)
     return out
 
 
