@@ -124,9 +124,9 @@ def test_dwfuse_multiclass(shape, dtype):
 def test_dwfuse_multilabel(ncls, dtype):
     z = randn(2048, 8, ncls, seed=3, scale=3.0, dtype=dtype)
     y = randint(0, 2, (2048, ncls), seed=4).to(dtype)
-    check("dwfuse_weights", [z, y, 0.7], diff=(0,), dtype=dtype)
+    check("dwfuse_weights", [z, y, 0.7], diff=(0,), dtype=dtype, multilabel=True)
     for detach in (True, False):
-        check("dwfuse_loss", [z, y, 0.7, detach], diff=(0,), dtype=dtype)
+        check("dwfuse_loss", [z, y, 0.7, detach], diff=(0,), dtype=dtype, multilabel=True)
 
 
 def test_dwfuse_extreme_probabilities():
@@ -288,8 +288,9 @@ for dtype in (torch.float32, torch.bfloat16):
     y = torch.randint(0, 10, (33,), device=dev)
     yl = torch.randint(0, 2, (33, 10), device=dev).to(dtype)
     for lab in (y, yl):
-        of.dwfuse_weights(z, lab, backend="cuda").float().sum().backward()
-        of.dwfuse_loss(z, lab, detach_weight=False, backend="cuda").backward()
+        ml = lab.dim() == 2
+        of.dwfuse_weights(z, lab, backend="cuda", multilabel=ml).float().sum().backward()
+        of.dwfuse_loss(z, lab, detach_weight=False, backend="cuda", multilabel=ml).backward()
 
     logits = torch.randn(33, 10, device=dev, dtype=dtype, requires_grad=True)
     present = torch.rand(33, 3, device=dev) > 0.3

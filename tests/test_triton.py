@@ -543,8 +543,8 @@ def test_every_kernel_compiles_for_sm90(monkeypatch):
     for multilabel, ncls in ((False, 10), (False, 5000), (True, 25)):
         z, y = dw_inputs(64, 4, ncls, multilabel)
         z.requires_grad_()
-        backward(of.dwfuse_loss(z, y, 0.5, False, backend="triton"))
-        backward(of.dwfuse_weights(z, y, 0.5, backend="triton"))
+        backward(of.dwfuse_loss(z, y, 0.5, False, backend="triton", multilabel=multilabel))
+        backward(of.dwfuse_weights(z, y, 0.5, backend="triton", multilabel=multilabel))
     z = randn(256, 10).requires_grad_()
     y, comb = torch.zeros(256, dtype=torch.int64), torch.ones(256, dtype=torch.int64)
     of.tla_stats(z, y, comb, 8, "l1", backend="triton")

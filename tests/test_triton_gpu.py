@@ -60,8 +60,8 @@ def test_dwfuse_multiclass(ncls, dtype):
 def test_dwfuse_multilabel(ncls, dtype):
     z = randn(2048, 8, ncls, seed=3, scale=3.0, dtype=dtype)
     y = randint(0, 2, (2048, ncls), seed=4).to(dtype)
-    check("dwfuse_weights", [z, y, 0.5], diff=(0,), dtype=dtype)
-    check("dwfuse_loss", [z, y, 0.5, False], diff=(0,), dtype=dtype)
+    check("dwfuse_weights", [z, y, 0.5], diff=(0,), dtype=dtype, multilabel=True)
+    check("dwfuse_loss", [z, y, 0.5, False], diff=(0,), dtype=dtype, multilabel=True)
 
 
 # ---------------------------------------------------------------------------------- TLA
