@@ -14,6 +14,15 @@ BF16, FP32 = torch.bfloat16, torch.float32
 MULTILABEL, NO_DETACH = "multilabel", "no_detach"
 
 
+def _explicit(op):
+    """The public op with ``multilabel=True`` for float labels (SPEC section 8: explicit)."""
+
+    def call(logits, labels, *args, **kwargs):
+        return op(logits, labels, *args, multilabel=labels.is_floating_point(), **kwargs)
+
+    return call
+
+
 def _loss(b, m, c, mode=FWD_BWD, dtype=FP32, checks=False, variant=""):
     return Case("dwfuse_loss", {"B": b, "M": m, "C": c}, mode, dtype, checks, variant)
 
@@ -75,7 +84,7 @@ def _make_weights(case: Case) -> Inputs:
 
 
 LOSS = Bench(
-    public=omnifuse_fast.dwfuse_loss,
+    public=_explicit(omnifuse_fast.dwfuse_loss),
     reference=reference.dwfuse_loss,
     make=_make_loss,
     cost=lambda c: floors.dwfuse_loss(
@@ -83,7 +92,7 @@ LOSS = Bench(
     ),
 )
 WEIGHTS = Bench(
-    public=omnifuse_fast.dwfuse_weights,
+    public=_explicit(omnifuse_fast.dwfuse_weights),
     reference=reference.dwfuse_weights,
     make=_make_weights,
     cost=lambda c: floors.dwfuse_weights(

@@ -20,6 +20,14 @@ MIN_MODALITIES, MAX_MODALITIES = 2, 8
 _value_checks = True
 
 
+class NonFiniteInputError(ValueError):
+    """An input holds NaN or inf; the message names the argument.
+
+    A ``ValueError``, so callers that catch bad input keep working; the trainer catches this
+    type to explain a mid-training blow-up (see ``omnifuse_fast.train.finite``).
+    """
+
+
 def set_value_checks(enabled: bool) -> None:
     """Turn the value checks (label/index ranges, finiteness) on or off for every op."""
     global _value_checks
@@ -74,7 +82,10 @@ def same_device(**tensors: torch.Tensor | None) -> torch.device:
     for name, t in items[1:]:
         if t.device != device:
             first = items[0][0]
-            raise ValueError(f"{name} is on {t.device} but {first} is on {device}: same device")
+            raise ValueError(
+                f"{name} is on {t.device} but {first} is on {device}: every tensor must be on "
+                f"one device; move them (e.g. {name}.to({first}.device))"
+            )
     return device
 
 
@@ -84,7 +95,11 @@ def same_dtype(**tensors: torch.Tensor) -> torch.dtype:
     dtype = items[0][1].dtype
     for name, t in items[1:]:
         if t.dtype != dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {items[0][0]} has {dtype}: same dtype")
+            first = items[0][0]
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but {first} has {dtype}: they must share one dtype; "
+                f"cast one (e.g. {name}.to({first}.dtype)), or run under torch.autocast"
+            )
     return dtype
 
 
@@ -111,8 +126,12 @@ def real(name: str, v: object, lo: float | None = None, hi: float | None = None)
         raise TypeError(f"{name} must be a float, got {type(v).__name__}")
     v = float(v)
     if v != v or v in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be finite, got {v}")
+        raise NonFiniteInputError(f"{name} must be finite, got {v}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
+        if hi is None:
+            raise ValueError(f"{name} must be >= {lo}, got {v}")
+        if lo is None:
+            raise ValueError(f"{name} must be <= {hi}, got {v}")
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {v}")
     return v
 
@@ -126,7 +145,7 @@ def choice(name: str, v: object, options: Sequence[str]) -> str:
 def finite(name: str, t: torch.Tensor) -> None:
     """Value check: no NaN or inf in ``t``."""
     if value_checks_enabled() and t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite; it holds NaN or inf ({_describe(t)})")
+        raise NonFiniteInputError(f"{name} must be finite; it holds NaN or inf ({_describe(t)})")
 
 
 def finite_list(name: str, tensors: Sequence[torch.Tensor]) -> None:
@@ -135,15 +154,30 @@ def finite_list(name: str, tensors: Sequence[torch.Tensor]) -> None:
         ok = torch.stack([torch.isfinite(t).all() for t in tensors])
         if not bool(ok.all()):
             i = int((~ok).nonzero()[0, 0])
-            raise ValueError(f"{name}[{i}] must be finite; it holds NaN or inf")
+            raise NonFiniteInputError(f"{name}[{i}] must be finite; it holds NaN or inf")
 
 
-def in_range(name: str, t: torch.Tensor, lo: int, hi: int, what: str = "values") -> None:
-    """Value check: integer tensor with every element in [lo, hi]."""
+def cra_width(x: torch.Tensor, w1: torch.Tensor) -> None:
+    """``x [B, F]`` and ``w1 [K, H, F]`` agree on the width F = M*D (nn.Linear convention)."""
+    if x.shape[1] != w1.shape[2]:
+        raise ValueError(
+            f"x and w1 disagree on the width F: x is [B, F] with F = M*D = {x.shape[1]} "
+            f"({_describe(x)}), but w1's last dim is {w1.shape[2]} ({_describe(w1)}); "
+            "F must equal w1's last dim"
+        )
+
+
+def in_range(
+    name: str, t: torch.Tensor, lo: int, hi: int, what: str = "values", hint: str = ""
+) -> None:
+    """Value check: integer tensor with every element in [lo, hi] (``hint``: why, or the fix)."""
     if value_checks_enabled() and t.numel():
         tmin, tmax = int(t.min()), int(t.max())
         if tmin < lo or tmax > hi:
-            raise ValueError(f"{name} {what} must be in [{lo}, {hi}], got min {tmin}, max {tmax}")
+            raise ValueError(
+                f"{name} {what} must be in [{lo}, {hi}], got min {tmin}, max {tmax}"
+                + (f": {hint}" if hint else "")
+            )
 
 
 def logits3(name: str, t: object) -> torch.Tensor:
@@ -169,8 +203,18 @@ def class_labels(name: str, labels: object, batch: int, num_classes: int) -> tor
     """Multiclass labels: int64 ``[B]`` in ``[0, C)``."""
     t = tensor(name, labels, ndim=1, shape=(batch,))
     if t.dtype != torch.int64:
-        raise TypeError(f"{name} must be int64 class indices of shape [{batch}], got {t.dtype}")
-    in_range(name, t, 0, num_classes - 1, what="class indices")
+        raise TypeError(
+            f"{name} must be int64 class indices of shape [{batch}], got {t.dtype}: "
+            f"convert with {name}.long()"
+        )
+    in_range(
+        name,
+        t,
+        0,
+        num_classes - 1,
+        what="class indices",
+        hint=f"the logits have C = {num_classes} classes (their last dim)",
+    )
     return t
 
 
@@ -179,7 +223,10 @@ def labels_any(name: str, labels: object, batch: int, num_classes: int) -> bool:
     if isinstance(labels, torch.Tensor) and labels.dim() == 2:
         t = floating(name, labels, shape=(batch, num_classes))
         if value_checks_enabled() and t.numel() and not bool(((t == 0) | (t == 1)).all()):
-            raise ValueError(f"{name} (multilabel) must hold only 0 and 1")
+            raise ValueError(
+                f"{name} (multilabel) must hold only 0 and 1: threshold soft targets, e.g. "
+                f"({name} > 0.5).float()"
+            )
         return True
     class_labels(name, labels, batch, num_classes)
     return False
@@ -191,15 +238,20 @@ def present_mask(name: str, present: object) -> torch.Tensor:
     num_modalities(t.shape[1], f"{name}.shape[1] (M)")
     if value_checks_enabled() and t.shape[0] and not bool(t.any(dim=1).all()):
         row = int((~t.any(dim=1)).nonzero()[0, 0])
-        raise ValueError(f"{name} has a sample with no present modality (row {row})")
+        raise ValueError(
+            f"{name} has a sample with no present modality (row {row}): every sample needs at "
+            "least one; drop samples with nothing observed"
+        )
     return t
 
 
 def comb_ids(name: str, comb: object, batch: int, num_modalities_: int | None) -> torch.Tensor:
     """Combination ids: integer ``[B]`` in ``1 .. 2**M - 1`` (M = 8 when not known)."""
     t = tensor(name, comb, ndim=1, dtypes=(torch.int64, torch.int32), shape=(batch,))
-    top = (1 << (num_modalities_ if num_modalities_ is not None else MAX_MODALITIES)) - 1
-    in_range(name, t, 1, top, what="combination ids")
+    m = num_modalities_ if num_modalities_ is not None else MAX_MODALITIES
+    top = (1 << m) - 1
+    hint = f"ids of {m} modalities come from combination_ids(present) (0 means none present)"
+    in_range(name, t, 1, top, what="combination ids", hint=hint)
     return t
 
 

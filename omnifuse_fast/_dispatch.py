@@ -11,9 +11,12 @@ An implementation takes the op's arguments in the public order, already validate
 
 from __future__ import annotations
 
+import collections
+import functools
 import importlib
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -59,22 +62,26 @@ _AUTO_ORDER: dict[str, tuple[str, ...]] = {
 _AUTO_SKIP_WITH_GRAD: set[tuple[str, str, str]] = set()
 
 # Modules whose import registers a backend's implementations (imported lazily, once).
-_LOADERS: dict[str, str] = {
-    "reference": "omnifuse_fast.reference._register",
-    "cpu": "omnifuse_fast.compiled",
-    "cuda": "omnifuse_fast.compiled",
-    "triton": "omnifuse_fast.triton",
+_LOADERS: dict[str, tuple[str, ...]] = {
+    "reference": ("omnifuse_fast.reference._register",),
+    "cpu": ("omnifuse_fast.compiled",),
+    "cuda": ("omnifuse_fast.compiled", "omnifuse_fast.compiled._cuda_cra"),
+    "triton": ("omnifuse_fast.triton",),
 }
 
 _impls: dict[tuple[str, str], Callable] = {}
+# (op, backend) -> check(*args) giving why these inputs must go to the reference (or None)
+_guards: dict[tuple[str, str], Callable[..., str | None]] = {}
 _availability: dict[str, Callable[[torch.device], str | None]] = {}
 _load_errors: dict[str, str] = {}
 _loaded: set[str] = set()
 _ready: set[str] = set()  # loaded (or failed): checked without the lock, which dynamo can't trace
 _lock = threading.RLock()
-# family -> backends that actually ran it since the last reset_backend_usage()
-_usage: dict[str, set[str]] = {}
+# family -> backend -> calls it ran since the last reset_backend_usage() (a count, so that a
+# fallback can move its call from the backend chosen to the one that really ran)
+_usage: dict[str, collections.Counter] = {}
 _fallbacks: dict[tuple[str, str], str] = {}  # (op, backend) -> why it handed over to another
+_warned: set[tuple[str, str, str]] = set()  # (op, backend, reason) already warned about
 
 
 def register(op: str, backend: str, fn: Callable) -> None:
@@ -83,6 +90,19 @@ def register(op: str, backend: str, fn: Callable) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     with _lock:
         _impls[(op, backend)] = fn
+
+
+def register_guard(op: str, backend: str, check: Callable[..., str | None]) -> None:
+    """Register ``check(*args)``: why ``backend``'s ``op`` cannot take these inputs, or ``None``.
+
+    For limits that depend on the inputs (dtype, widths, alignment) rather than on the device:
+    when ``check`` gives a reason the call runs the reference instead, reported through
+    :func:`fallback`, so the decision is made (and recorded) here, not inside the backend.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    with _lock:
+        _guards[(op, backend)] = check
 
 
 def set_availability(backend: str, check: Callable[[torch.device], str | None]) -> None:
@@ -99,11 +119,19 @@ def _load(backend: str) -> None:
             return
         _loaded.add(backend)
         try:
-            importlib.import_module(_LOADERS[backend])
-        except Exception as exc:  # a missing backend is reported, never fatal
+            for module in _LOADERS[backend]:
+                importlib.import_module(module)
+        except Exception as exc:  # reported by load_error(); the test suite fails on it when
+            # OMNIFUSE_EXPECT_BACKENDS names this backend (tests/conftest.py)
             _load_errors[backend] = f"{type(exc).__name__}: {exc}"
         finally:
             _ready.add(backend)
+
+
+def load_error(backend: str) -> str | None:
+    """Why ``backend`` failed to load (its import raised), or ``None`` when it loaded."""
+    _load(backend)
+    return _load_errors.get(backend)
 
 
 def unavailable_reason(op: str, backend: str, device: torch.device) -> str | None:
@@ -145,25 +173,46 @@ def resolve(op: str, backend: str, device: torch.device, needs_grad: bool = Fals
 
 def _chosen(op: str, backend: str) -> Choice:
     _record(op, backend)
-    return Choice(backend, _impls[(op, backend)])
+    impl = _impls[(op, backend)]
+    guard = _guards.get((op, backend))
+    if guard is not None:
+        impl = functools.partial(_guarded, op, backend, guard, impl)
+    return Choice(backend, impl)
+
+
+def _guarded(op: str, backend: str, guard: Callable, impl: Callable, *args):
+    reason = guard(*args)
+    if reason is None:
+        return impl(*args)
+    fallback(op, backend, "reference", reason)
+    return _impls[(op, "reference")](*args)
 
 
 def _record(op: str, backend: str) -> None:
-    # plain Python bookkeeping: done eagerly, and at trace time under torch.compile
+    # plain Python bookkeeping, done eagerly only: under torch.compile the trace runs once
     if not torch.compiler.is_compiling():
-        _usage.setdefault(OPS.get(op, op), set()).add(backend)
+        _usage.setdefault(OPS.get(op, op), collections.Counter())[backend] += 1
 
 
 def fallback(op: str, backend: str, to: str, reason: str) -> None:
-    """Report that ``backend`` handed ``op`` to ``to`` for this call, and why.
+    """Report that ``backend`` handed this call of ``op`` to ``to``, and why.
 
-    Backends call this instead of falling back silently: the usage record then names the
-    path that really ran, and :func:`fallback_reasons` says why.
+    Backends call this instead of falling back silently: the usage record moves the call from
+    ``backend`` to ``to`` (it names the path that really ran), :func:`fallback_reasons` says
+    why, and the first time for each reason a ``UserWarning`` says so.
     """
-    if not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return
+    with _lock:
         _fallbacks[(op, backend)] = reason
-        family = OPS.get(op, op)
-        _usage.setdefault(family, set()).add(to)
+        counts = _usage.setdefault(OPS.get(op, op), collections.Counter())
+        if counts[backend] > 0:  # the call resolve() recorded for backend did not run there
+            counts[backend] -= 1
+        counts[to] += 1
+        first = (op, backend, reason) not in _warned
+        _warned.add((op, backend, reason))
+    if first:
+        warnings.warn(f"{backend} {op} falls back to the {to}: {reason}", stacklevel=3)
 
 
 def fallback_reasons() -> dict[tuple[str, str], str]:
@@ -171,9 +220,21 @@ def fallback_reasons() -> dict[tuple[str, str], str]:
     return dict(_fallbacks)
 
 
+def clear_fallbacks() -> None:
+    """Forget the fallbacks reported so far (their reasons, and which were warned about)."""
+    with _lock:
+        _fallbacks.clear()
+        _warned.clear()
+
+
 def backend_usage() -> dict[str, str]:
     """Per op family, the backend(s) that ran since :func:`reset_backend_usage` ("a+b")."""
-    return {f: "+".join(sorted(_usage[f])) for f in FAMILIES if f in _usage}
+    out = {}
+    for family in FAMILIES:
+        ran = sorted(b for b, n in _usage.get(family, {}).items() if n > 0)
+        if ran:
+            out[family] = "+".join(ran)
+    return out
 
 
 def reset_backend_usage() -> None:

@@ -42,7 +42,9 @@ class OmniFuseClassifier:
         test_fraction: rows held out and scored once at the end (``result_``); default 0.
         patience: stop after this many epochs without a better validation AUROC (None: never).
         **options: any other :class:`omnifuse_fast.train.TrainConfig` field (``alpha``,
-            ``beta``, ``lambdas``, ``mm_stage1_epochs``, ``mimo_mode``, ...).
+            ``beta``, ``lambdas``, ``mm_stage1_epochs``, ``mimo_mode``, ``compile=True`` to
+            ``torch.compile`` the training step, ``check_every`` to check the loss for
+            NaN/inf every N steps, ...).
 
     Attributes (after :meth:`fit`):
         classes_: the label values (multiclass) or label names (multilabel).
@@ -151,17 +153,28 @@ class OmniFuseClassifier:
         Raises:
             ValueError: one line naming the view / row / argument at fault.
         """
+        from omnifuse_fast.data.corruption import corrupt_for_config
+        from omnifuse_fast.data.prepare import make_splits
+        from omnifuse_fast.data.split import fit_scaler, split_rows
         from omnifuse_fast.train import Trainer
 
+        seed = int(self.params["seed"])
         names, arrays = _as_views(views, None)
         n = _common_rows(names, arrays)
         observed = _observed(names, arrays, present, n, every_view=True)
         target, classes, multilabel = _encode_labels(y, n)
-        train, val, test = self._split(target, multilabel, n)
-        self.mean_, self.std_ = _fit_scaler(arrays, observed, train)
+        train, val, test = split_rows(
+            target, self.params["validation_fraction"], self.params["test_fraction"], seed
+        )
+        self.mean_, self.std_ = fit_scaler(arrays, train, observed)
         x = _transform(arrays, observed, self.mean_, self.std_)
-        splits = _splits(x, target, observed, names, len(classes), train, val, test)
+        rows = {"train": train, "val": val, "test": test}
+        splits = make_splits(x, target, observed, rows, names, len(classes))
+        # no validation rows: select nothing, stop never; no test rows: report validation
+        splits["val"] = splits["val"] if val.size else splits["train"]
+        splits["test"] = splits["test"] if test.size else splits["val"]
         config = self._config(multilabel, has_val=val.size > 0)
+        splits = corrupt_for_config(splits, config)  # corruption= (none: unchanged)
         trainer = Trainer(config, out_dir, splits=splits, log=log)
         self.result_ = trainer.fit()
         trainer.close()  # a no-op unless torchrun made a process group
@@ -177,18 +190,6 @@ class OmniFuseClassifier:
         self.num_rows_ = n
         self.missing_rate_ = float(1.0 - observed.mean())  # fraction of (row, view) missing
         return self
-
-    def _split(self, target: np.ndarray, multilabel: bool, n: int):
-        """Train / validation / test row indices (stratified for class labels when possible)."""
-        rng_seed = int(self.params["seed"])
-        rest = np.arange(n)
-        test = _take(rest, target, self.params["test_fraction"], n, multilabel, rng_seed)
-        rest = np.setdiff1d(rest, test)
-        val = _take(rest, target, self.params["validation_fraction"], n, multilabel, rng_seed)
-        train = np.setdiff1d(rest, val)
-        if train.size == 0:
-            raise ValueError(f"no training rows left of {n}: lower the held-out fractions")
-        return train, val, test
 
     # ----------------------------------------------------------------- predict
     def _check_fitted(self) -> None:
@@ -394,69 +395,15 @@ def _encode_labels(y: Any, n: int) -> tuple[np.ndarray, np.ndarray, bool]:
     return codes.astype(np.int64).reshape(-1), classes, False
 
 
-def _take(rows, target, fraction, n, multilabel, seed) -> np.ndarray:
-    """``round(fraction * n)`` of ``rows`` (stratified by class when every class allows)."""
-    from sklearn.model_selection import train_test_split
-
-    k = 0 if fraction == 0 else max(1, round(fraction * n))
-    if k == 0:
-        return np.zeros(0, dtype=np.int64)
-    if k >= rows.size:
-        raise ValueError(f"held-out fractions leave no training rows of {n}")
-    strat = None
-    if not multilabel:
-        counts = np.bincount(target[rows])
-        counts = counts[counts > 0]
-        if counts.min() >= 2 and counts.size <= k and counts.size <= rows.size - k:
-            strat = target[rows]
-    _, held = train_test_split(rows, test_size=k, random_state=seed, stratify=strat)
-    return np.sort(held)
-
-
-# --------------------------------------------------------------------- scaling and splits
-def _fit_scaler(arrays, observed, train) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per-feature mean / std (float64) of the observed training rows, as ``standardize``."""
-    means, stds = [], []
-    for m, a in enumerate(arrays):
-        rows = train[observed[train, m]]
-        if rows.size == 0:
-            mean, std = np.zeros(a.shape[1]), np.ones(a.shape[1])
-        else:
-            mean, std = a[rows].mean(axis=0), a[rows].std(axis=0)
-            std[std < 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0  # constant feature
-        means.append(mean)
-        stds.append(std)
-    return means, stds
-
-
 def _transform(arrays, observed, means, stds) -> list[np.ndarray]:
-    """Z-scored float32 views; missing rows are 0 (the training mean)."""
-    out = []
-    for m, (a, mean, std) in enumerate(zip(arrays, means, stds)):
-        z = ((a - mean) / std).astype(np.float32)
+    """Z-scored float32 views (:func:`~omnifuse_fast.data.split.scale`); missing rows are 0
+    (the training mean)."""
+    from omnifuse_fast.data.split import scale
+
+    out = scale(arrays, means, stds)
+    for m, z in enumerate(out):
         z[~observed[:, m]] = 0.0
-        out.append(np.ascontiguousarray(z))
     return out
-
-
-def _splits(x, target, observed, names, num_classes, train, val, test) -> dict[str, Any]:
-    from omnifuse_fast.data import MultiViewSplit
-
-    def split(idx: np.ndarray) -> MultiViewSplit:
-        return MultiViewSplit(
-            views=[torch.from_numpy(v[idx]) for v in x],
-            labels=torch.from_numpy(target[idx]),
-            observed=torch.from_numpy(observed[idx]),
-            indices=torch.from_numpy(idx.astype(np.int64)),
-            view_names=list(names),
-            view_dims=[int(v.shape[1]) for v in x],
-            num_classes=num_classes,
-        )
-
-    tr = split(train)
-    va = split(val) if val.size else tr  # no validation: select nothing, stop never
-    te = split(test) if test.size else va
-    return {"train": tr, "val": va, "test": te}
 
 
 # --------------------------------------------------------------------- files (the CLI's path)
@@ -477,9 +424,8 @@ def fit_file(
     curve, plus ``model.pt`` (the best epoch, the scaling and the file layout) for
     :func:`predict_file`. ``params`` go to :class:`OmniFuseClassifier`.
     """
-    import json
-
     from omnifuse_fast.data.adapters import load_data
+    from omnifuse_fast.train.metrics import add_to_metrics
 
     data = load_data(path, views, label, None, text_encoder, cache_dir)
     params = {"validation_fraction": 0.2, "test_fraction": 0.2, "patience": None, **params}
@@ -495,12 +441,8 @@ def fit_file(
         "multilabel": clf.multilabel_,
         "missing_rate": round(clf.missing_rate_, 6),  # realized in the data, not injected
     }
-    result = {**clf.result_, **info}
-    metrics = Path(out_dir) / "metrics.json"
-    if metrics.is_file():
-        stored = json.loads(metrics.read_text())
-        metrics.write_text(json.dumps({**stored, **info}, indent=2) + "\n")
-    return result
+    add_to_metrics(out_dir, info)
+    return {**clf.result_, **info}
 
 
 def predict_file(

@@ -9,39 +9,18 @@ object with the test metrics; it writes ``checkpoint.pt``, ``metrics.json`` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from omnifuse_fast._dispatch import BACKENDS
-from omnifuse_fast.train.config import METHODS
+from omnifuse_fast.train.config import METHODS, TrainConfig
 
 PROG = "omnifuse-fast"
-# Flags that --resume takes from the checkpoint instead (dest names).
-_RUN_SETTINGS = (
-    "missing_rate",
-    "noise_views",
-    "noise_std",
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "seed",
-    "method",
-    "no_dwfuse",
-    "no_tla",
-    "no_imp_forward",
-    "no_imp_backward",
-    "tla_mode",
-    "dim",
-    "num_blocks",
-    "drop_rate",
-    "mm_stage1_epochs",
-    "mimo_mode",
-    "backend",
-    "device",
-)
 
 
 def _number(kind: type, lo: float | None = None, hi: float | None = None, hi_open=False):
@@ -87,92 +66,91 @@ def build_parser() -> argparse.ArgumentParser:
         usage=f"{PROG} COMMAND [options]",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    t = sub.add_parser(
-        "train",
-        help="train OmniFuse (or a baseline) on the built-in multi-view data",
-        prog=f"{PROG} train",
-        usage=f"{PROG} train [options]  (see --help)",
-        description="Train on the built-in UCI multiple-features data (6 views, 10 classes). "
-        "With --resume, the run's settings come from its checkpoint; only --epochs "
-        "(the new end), --quiet and --threads may be given.",
+    t = _command(
+        sub,
+        "train [options]  (see --help)",
+        "train OmniFuse (or a baseline) on the built-in multi-view data",
+        "Train on the built-in UCI multiple-features data (6 views, 10 classes). With --resume, "
+        "the run's settings come from its checkpoint: settings given again must equal them, "
+        "except --epochs (the new end).",
     )
+    rate = _number(float, 0.0, 1.0, hi_open=True)  # a probability in [0, 1)
     d = t.add_argument_group("data")
     d.add_argument(
         "--missing-rate",
-        type=_number(float, 0.0, 1.0, hi_open=True),
-        default=None,
+        type=rate,
         help="probability that a view of a sample is missing, in [0, 1) (default 0.5)",
     )
     d.add_argument(
         "--noise-views",
         type=_views,
-        default=None,
         help="comma-separated views (names fou,fac,kar,pix,zer,mor or indices) "
         "to corrupt with Gaussian noise",
     )
     d.add_argument(
         "--noise-std",
         type=_number(float, 0.0),
-        default=None,
         help="noise standard deviation in standardized units (default 0)",
     )
     _add_data_args(d, train=True)
+    _add_corruption_args(d)
     o = t.add_argument_group("optimization")
-    o.add_argument("--epochs", type=_number(int, 1), default=None, help="epochs (default 40)")
-    o.add_argument("--batch-size", type=_number(int, 1), default=None, help="default 64")
-    o.add_argument(
-        "--lr", type=_number(float, 0.0), default=None, help="AdamW learning rate (default 1e-3)"
-    )
-    o.add_argument("--weight-decay", type=_number(float, 0.0), default=None)
-    o.add_argument("--seed", type=_number(int, 0), default=None, help="seed of data and model")
+    o.add_argument("--epochs", type=_number(int, 1), help="epochs (default 40)")
+    o.add_argument("--batch-size", type=_number(int, 1), help="default 64")
+    o.add_argument("--lr", type=_number(float, 0.0), help="AdamW learning rate (default 1e-3)")
+    o.add_argument("--weight-decay", type=_number(float, 0.0))
+    o.add_argument("--seed", type=_number(int, 0), help="seed of data and model")
     m = t.add_argument_group("method")
     m.add_argument(
         "--method",
         choices=METHODS,
-        default=None,
         help="omnifuse (default), concat (baseline), mm (MM learning), mimo (MIMO)",
     )
     m.add_argument("--no-dwfuse", action="store_true", help="omnifuse without DWFuse")
     m.add_argument("--no-tla", action="store_true", help="omnifuse without TLA")
     m.add_argument("--no-imp-forward", action="store_true", help="omnifuse without IMP-forward")
     m.add_argument("--no-imp-backward", action="store_true", help="omnifuse without IMP-backward")
-    m.add_argument("--tla-mode", choices=("observed", "subsets"), default=None)
-    m.add_argument("--dim", type=_number(int, 1), default=None, help="embedding width D")
-    m.add_argument("--num-blocks", type=_number(int, 1), default=None, help="RAs per cascade K")
+    m.add_argument("--tla-mode", choices=("observed", "subsets"))
+    m.add_argument("--dim", type=_number(int, 1), help="embedding width D")
+    m.add_argument("--num-blocks", type=_number(int, 1), help="RAs per cascade K")
     m.add_argument(
-        "--drop-rate",
-        type=_number(float, 0.0, 1.0, hi_open=True),
-        default=None,
-        help="imputer's supervision drop rate in training",
+        "--drop-rate", type=rate, help="imputer's supervision drop rate in training, in [0, 1)"
     )
     m.add_argument(
         "--mm-stage1-epochs",
         type=_number(int, 0),
-        default=None,
         help="mm: standard epochs before MM learning (default: half)",
     )
     m.add_argument(
         "--mimo-mode",
         choices=("mimo", "mgda"),
-        default=None,
         help="mimo: two-objective closed form, or the (M+1)-objective MGDA baseline",
     )
     r = t.add_argument_group("run")
-    r.add_argument("--out", type=Path, default=None, help="output directory (default runs/METHOD)")
+    r.add_argument("--out", type=Path, help="output directory (default runs/METHOD)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out")
     r.add_argument(
         "--backend",
         choices=("auto", *BACKENDS),
-        default=None,
         help="backend of the ops (default auto: the fastest available)",
     )
-    r.add_argument("--device", default=None, help="torch device (default cpu)")
+    r.add_argument("--device", help="torch device (default cpu)")
     r.add_argument(
         "--threads",
         type=_number(int, 1),
         default=1,
         help="torch CPU threads (default 1: the ops are small, more threads only "
         "add synchronization)",
+    )
+    r.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training step (forward and losses; backward via AOT autograd)",
+    )
+    r.add_argument(
+        "--check-every",
+        type=_number(int, 1),
+        help="check the loss for NaN/inf every N steps (default 1; more: fewer host syncs)",
     )
     r.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(handler=_train, subparser=t)
@@ -183,83 +161,119 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_corruption_args(group) -> None:
+    """``--corruption KIND --corrupt-views K --corrupt-std S`` (docs/CORRUPTION.md)."""
+    from omnifuse_fast.data.corruption import CORRUPTIONS
+
+    group.add_argument(
+        "--corruption",
+        choices=CORRUPTIONS,
+        default=None,
+        help="per-sample low quality on every split: swap, heavy-noise, or noise on all views "
+        "(default none; see docs/CORRUPTION.md)",
+    )
+    group.add_argument(
+        "--corrupt-views", type=_number(int, 1), default=None, help="views per sample (default 1)"
+    )
+    group.add_argument(
+        "--corrupt-std",
+        type=_number(float, 0.0),
+        default=None,
+        help="noise std in standardized units (default: noise 1, heavy-noise 5)",
+    )
+
+
+def _command(sub, usage: str, help: str, description: str) -> argparse.ArgumentParser:
+    """The subcommand ``PROG NAME`` whose usage line is ``PROG USAGE`` (NAME: its first word)."""
+    name = usage.split()[0]
+    return sub.add_parser(
+        name, help=help, prog=f"{PROG} {name}", usage=f"{PROG} {usage}", description=description
+    )
+
+
 def _add_data_args(group, train: bool) -> None:
     """``--data`` (your own file) and how to read it; see docs/YOUR_DATA.md."""
     group.add_argument(
         "--data",
         type=Path,
-        default=None,
         required=not train,
         help="your data: .npz (view_<name> arrays, y, present) or .csv/.parquet "
         "(<view>__<column> groups)" + ("; default: the built-in data" if train else ""),
     )
     if train:
-        group.add_argument("--views", default=None, help="--data: comma-separated views to use")
+        group.add_argument("--views", help="--data: comma-separated views to use")
         group.add_argument(
             "--label",
-            default=None,
             help="--data: label column (several, comma-separated: multilabel)",
         )
     group.add_argument(
         "--text-encoder",
-        default=None,
         help="local transformers model directory that embeds text columns (never downloads)",
     )
 
 
 def _add_predict_parser(sub) -> None:
-    p = sub.add_parser(
-        "predict",
-        help="predict a data file with a model trained by `train --data`",
-        prog=f"{PROG} predict",
-        usage=f"{PROG} predict --model DIR --data FILE [--out preds.csv]",
-        description="Write each row's prediction and class probabilities as CSV (to --out, "
-        "else stdout). FILE is laid out like the training file; labels may be absent.",
+    p = _command(
+        sub,
+        "predict --model DIR --data FILE [--out preds.csv]",
+        "predict a data file with a model trained by `train --data`",
+        "Write each row's prediction and class probabilities as CSV (to --out, else stdout). "
+        "FILE is laid out like the training file; labels may be absent.",
     )
     p.add_argument("--model", type=Path, required=True, help="the --out directory of the run")
     _add_data_args(p, train=False)
-    p.add_argument("--out", type=Path, default=None, help="CSV file (default: stdout)")
+    p.add_argument("--out", type=Path, help="CSV file (default: stdout)")
     p.add_argument("--threads", type=_number(int, 1), default=1, help="torch CPU threads")
     p.set_defaults(handler=_predict, subparser=p)
 
 
+def _given_settings(args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
+    """The run settings given on the command line: ``{"--flag": (TrainConfig field, value)}``.
+
+    A flag is a setting when its destination is a :class:`TrainConfig` field (``--lr`` ->
+    ``lr``) or an ablation ``--no-X`` (-> ``use_X = False``): the parser is the one list.
+    """
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {}
+    for dest, value in vars(args).items():
+        field = "use_" + dest.removeprefix("no_") if dest.startswith("no_") else dest
+        if field in fields and value is not None and value is not False:
+            given["--" + dest.replace("_", "-")] = (field, False if field != dest else value)
+    return given
+
+
 def _config_values(args: argparse.Namespace) -> dict:
-    method = args.method or "omnifuse"
-    ablations = [
-        f for f in ("no_dwfuse", "no_tla", "no_imp_forward", "no_imp_backward") if getattr(args, f)
-    ]
-    if method != "omnifuse" and ablations:
-        flag = "--" + ablations[0].replace("_", "-")
-        raise ValueError(f"{flag} only applies to --method omnifuse")
-    values = {
-        "method": method,
-        "use_dwfuse": not args.no_dwfuse,
-        "use_tla": not args.no_tla,
-        "use_imp_forward": not args.no_imp_forward,
-        "use_imp_backward": not args.no_imp_backward,
-    }
-    for name in (
-        "missing_rate",
-        "noise_std",
-        "epochs",
-        "batch_size",
-        "lr",
-        "weight_decay",
-        "seed",
-        "tla_mode",
-        "dim",
-        "num_blocks",
-        "drop_rate",
-        "mm_stage1_epochs",
-        "mimo_mode",
-        "backend",
-        "device",
-    ):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    if args.noise_views is not None:
-        values["noise_views"] = args.noise_views
+    given = _given_settings(args)
+    values = {field: value for field, value in given.values()}
+    values.setdefault("method", "omnifuse")
+    ablations = [flag for flag, (field, _) in given.items() if field.startswith("use_")]
+    if values["method"] != "omnifuse" and ablations:
+        raise ValueError(f"{ablations[0]} only applies to --method omnifuse")
     return values
+
+
+def _resume_conflict(args: argparse.Namespace, stored: dict[str, Any]) -> str | None:
+    """The first setting given with ``--resume`` that differs from the run's checkpoint.
+
+    Settings equal to the checkpoint's are accepted (the same command with ``--resume``
+    appended continues the run); ``--epochs`` is the new end and may change.
+    """
+    run = TrainConfig.from_dict(stored).to_dict()
+    for flag, (field, value) in _given_settings(args).items():
+        if field == "epochs":
+            continue
+        try:  # compare as the config stores it (tuples, floats, the baselines' fixed fields)
+            asked = TrainConfig.from_dict({**stored, field: value}).to_dict()[field]
+        except ValueError:
+            asked = value
+        if asked != run[field]:
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            given = flag if value is False else f"{flag} {shown}"
+            return (
+                f"{given} conflicts with the run being resumed ({field} = {run[field]!r} in its "
+                "checkpoint); drop it, or train a new run in another --out"
+            )
+    return None
 
 
 def _check_backend(backend: str, device: str, parser: argparse.ArgumentParser) -> None:
@@ -285,7 +299,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     import torch
 
-    from omnifuse_fast.train import CheckpointError, TrainConfig, Trainer
+    from omnifuse_fast.train import CheckpointError, Trainer, load_checkpoint
+    from omnifuse_fast.train.checkpoint import CHECKPOINT
 
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -297,19 +312,17 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if getattr(args, flag) is not None:
             parser.error(f"--{flag.replace('_', '-')} needs --data FILE")
     if args.resume:
-        given = [n for n in _RUN_SETTINGS if getattr(args, n) not in (None, False)]
-        if given:
-            parser.error(
-                f"--{given[0].replace('_', '-')} cannot be given with --resume "
-                "(the run's settings come from its checkpoint)"
-            )
         if args.out is None:
             parser.error("--resume needs --out DIR (the run to continue)")
         try:
-            trainer = Trainer.resume(args.out, args.epochs, progress=progress, log=log)
+            stored = load_checkpoint(args.out / CHECKPOINT)["config"]
         except CheckpointError as exc:
             print(f"{PROG} train: error: {exc}", file=sys.stderr)
             return 1
+        conflict = _resume_conflict(args, stored)
+        if conflict is not None:
+            parser.error(conflict)
+        trainer = Trainer.resume(args.out, args.epochs, progress=progress, log=log)
         if trainer.epoch >= trainer.config.epochs and log is not None:
             log(f"the run in {args.out} already has {trainer.epoch} epochs; testing it")
     else:

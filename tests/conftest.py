@@ -1,55 +1,48 @@
-"""Shared test helpers: which backends can run here, and per-dtype tolerances."""
+"""Suite-wide hooks: expected backends must be there, the ``backend`` marker, value checks on.
+
+The helpers (tolerances, comparison against the reference) live in ``tests/_harness.py``; the
+names below are re-exported for the modules that import them from here.
+"""
 
 from __future__ import annotations
 
 import pytest
-import torch
+from _harness import (  # noqa: F401  (re-exported)
+    DTYPES,
+    EXPECT_ENV,
+    TOLERANCES,
+    assert_close,
+    missing_expected,
+    require_backend,
+    tol,
+)
 
 import omnifuse_fast
-from omnifuse_fast import _dispatch
-
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-# Tolerances of a fast path against the fp32-accumulating reference, per input dtype.
-TOLERANCES = {
-    torch.float64: dict(rtol=1e-7, atol=1e-9),
-    torch.float32: dict(rtol=1e-4, atol=1e-5),
-    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-    torch.float16: dict(rtol=5e-3, atol=5e-3),
-}
 
 
-def tol(dtype: torch.dtype) -> dict:
-    return TOLERANCES[dtype]
-
-
-def fast_backends(device: str = "cpu") -> list[str]:
-    """Non-reference backends that can run on ``device`` in this process."""
-    return [b for b in omnifuse_fast.available_backends(device) if b != "reference"]
-
-
-def backend_param(device: str = "cpu"):
-    """pytest params for every fast backend, the unavailable ones skipped with the reason."""
-    params = []
-    for b in ("cpu", "triton", "cuda"):
-        reason = _dispatch.unavailable_reason("dwfuse_loss", b, torch.device(device))
-        marks = [pytest.mark.skip(reason=f"{b}: {reason}")] if reason else []
-        params.append(pytest.param(b, marks=marks, id=b))
-    return params
-
-
-def assert_close(actual, expected, dtype=torch.float32, msg: str = "") -> None:
-    """Compare in fp32 with the dtype's tolerance."""
-    if isinstance(actual, (list, tuple)):
-        for a, e in zip(actual, expected):
-            assert_close(a, e, dtype, msg)
-        return
-    torch.testing.assert_close(
-        actual.float() if actual.is_floating_point() else actual,
-        expected.float() if expected.is_floating_point() else expected,
-        msg=msg or None,
-        **tol(dtype),
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "backend(name, device='cpu'): needs this backend; skipped where it cannot run, "
+        f"failed instead when {EXPECT_ENV} names it",
     )
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A backend that ``OMNIFUSE_EXPECT_BACKENDS`` names but that is missing, or failed to
+    load, fails the run before any test, saying why (instead of its tests skipping)."""
+    missing = missing_expected()
+    if missing:
+        lines = "\n".join(f"  {b}: {reason}" for b, reason in missing.items())
+        pytest.exit(
+            f"{EXPECT_ENV} expects backends that cannot run here:\n{lines}",
+            returncode=pytest.ExitCode.TESTS_FAILED,
+        )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("backend"):
+        require_backend(*mark.args, **mark.kwargs)
 
 
 @pytest.fixture(autouse=True)

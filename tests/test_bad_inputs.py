@@ -212,11 +212,21 @@ CASES = [
         "labels",
     ),
     ("dw-labels-not-tensor", lambda: of.dwfuse_weights(z3(), [0, 1, 2, 3]), TypeError, "labels"),
-    ("dw-ml-labels-C", lambda: of.dwfuse_loss(z3(), torch.ones(B, C + 1)), ValueError, "labels"),
-    ("dw-ml-labels-B", lambda: of.dwfuse_loss(z3(), torch.ones(B - 1, C)), ValueError, "labels"),
+    (
+        "dw-ml-labels-C",
+        lambda: of.dwfuse_loss(z3(), torch.ones(B, C + 1), multilabel=True),
+        ValueError,
+        "labels",
+    ),
+    (
+        "dw-ml-labels-B",
+        lambda: of.dwfuse_loss(z3(), torch.ones(B - 1, C), multilabel=True),
+        ValueError,
+        "labels",
+    ),
     (
         "dw-ml-labels-half-value",
-        lambda: of.dwfuse_loss(z3(), torch.full((B, C), 0.5)),
+        lambda: of.dwfuse_loss(z3(), torch.full((B, C), 0.5), multilabel=True),
         ValueError,
         "labels",
     ),
@@ -241,7 +251,7 @@ CASES = [
     ("dw-labels-device", lambda: of.dwfuse_loss(z3(), y().to(META)), ValueError, "labels.*meta"),
     (
         "dw-ml-labels-device",
-        lambda: of.dwfuse_weights(z3(), torch.ones(B, C, device=META)),
+        lambda: of.dwfuse_weights(z3(), torch.ones(B, C, device=META), multilabel=True),
         ValueError,
         "labels.*meta",
     ),
@@ -629,7 +639,7 @@ def test_good_inputs_of_the_same_builders_pass():
     of.combination_ids(torch.ones(B, M, dtype=torch.bool), backend="reference")
     of.cra_forward(**cra_args(), backend="reference")
     of.dwfuse_loss(z3(), y(), backend="reference")
-    of.dwfuse_loss(z3(), torch.ones(B, C), backend="reference")
+    of.dwfuse_loss(z3(), torch.ones(B, C), backend="reference", multilabel=True)
     of.tla_stats(z2(), y(), comb(), M, backend="reference")
     of.tla_loss(z2(), y(), comb(), 1, backend="reference")
     of.modality_mix(**mix_args(), weights=torch.full((B, M), 1 / M), backend="reference")
@@ -643,6 +653,32 @@ def test_unavailable_backend_is_a_runtime_error_with_the_reason():
         of.dwfuse_loss(z3(), y(), backend="cuda")
     with pytest.raises(RuntimeError, match=r"'triton' is not available.*(CUDA|Triton)"):
         of.tla_loss(z2(), y(), comb(), 1, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "over,x_width,w1_width",
+    [(dict(x=torch.randn(B, F + 1)), F + 1, F), (dict(w1=torch.randn(K, H, F + 1)), F, F + 1)],
+    ids=["x-odd", "w1-odd"],
+)
+def test_cra_width_mismatch_names_x_and_w1_and_the_rule(over, x_width, w1_width):
+    """Either side may be the odd one out: the message names both widths and the rule."""
+    with pytest.raises(ValueError) as err:
+        of.cra_forward(**cra_args(**over), backend="reference")
+    msg = str(err.value)
+    assert msg.startswith("x and w1 disagree"), msg
+    assert f"F = M*D = {x_width}" in msg and f"w1's last dim is {w1_width}" in msg
+    assert "F must equal w1's last dim" in msg
+
+
+def test_non_finite_inputs_raise_non_finite_input_error():
+    """One exception type for NaN/inf input (a ValueError), that callers can catch by type."""
+    assert issubclass(_checks.NonFiniteInputError, ValueError)
+    with pytest.raises(_checks.NonFiniteInputError, match="x must be finite"):
+        of.cra_forward(**cra_args(x=nan_at(torch.randn(B, F))), backend="reference")
+    with pytest.raises(_checks.NonFiniteInputError, match=r"g0\[0\] must be finite"):
+        _checks.finite_list("g0", [torch.tensor([float("inf")])])
+    with pytest.raises(_checks.NonFiniteInputError, match="alpha must be finite"):
+        _checks.real("alpha", float("nan"))
 
 
 # --- value checks switched off ----------------------------------------------------------------

@@ -8,25 +8,14 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from test_adapters import frame, tiny_text_encoder
+from test_cli import _last_json, _restore_threads  # noqa: F401 (an autouse fixture)
 
 from omnifuse_fast import OmniFuseClassifier
 from omnifuse_fast.cli import main
 
 QUICK = ["--epochs", "2", "--dim", "8", "--num-blocks", "2", "--quiet"]
 KEYS = {"test_accuracy", "test_auroc", "val_accuracy", "val_auroc", "epochs", "method", "backend"}
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()  # the CLI sets its own thread count
-    yield
-    torch.set_num_threads(threads)
-
-
-def _last_json(text: str) -> dict:
-    return json.loads(text.strip().splitlines()[-1])
 
 
 def test_train_csv_then_predict(tmp_path, capsys):

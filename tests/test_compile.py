@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close
+from _harness import assert_close
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import omnifuse_fast as of
-from omnifuse_fast import _dispatch
 
-_REASON = _dispatch.unavailable_reason("dwfuse_loss", "cpu", torch.device("cpu"))
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpu backend: {_REASON}")
+pytestmark = pytest.mark.backend("cpu")
 
 
 def _g(seed: int = 0) -> torch.Generator:
@@ -111,7 +109,7 @@ def test_compile_one_graph_matches_eager(name, backend):
     out, grads = _run(compiled, tensors, backend)
     assert counter.frame_count == 1
     assert len(out) == len(eager_out) and len(grads) == len(eager_grads)
-    for a, e in zip((*out, *grads), (*eager_out, *eager_grads)):
+    for a, e in zip((*out, *grads), (*eager_out, *eager_grads), strict=True):
         if a.is_floating_point():
             assert_close(a, e)
         else:

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close
+from _harness import DTYPES, assert_close
 
 import omnifuse_fast as of
-from omnifuse_fast import _dispatch
 from omnifuse_fast import reference as ref
 from omnifuse_fast.reference.mix import random_sources
 
-_REASON = _dispatch.unavailable_reason("dwfuse_loss", "cpu", torch.device("cpu"))
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpu backend: {_REASON}")
+pytestmark = pytest.mark.backend("cpu")
 
 CPU = "cpu"
 
@@ -89,7 +87,10 @@ def _dw_inputs(b, m, c, dtype, multilabel=False, scale=3.0, seed=0):
 
 def _check_dw_loss(z, y, beta, detach, dtype):
     (lc, (zc,)), (lr, (zr,)) = _both(
-        lambda z, backend: of.dwfuse_loss(z, y, beta, detach, backend=backend), [z]
+        lambda z, backend: of.dwfuse_loss(
+            z, y, beta, detach, backend=backend, multilabel=y.dim() == 2
+        ),
+        [z],
     )
     assert lc.dtype == z.dtype and lc.shape == ()
     assert_close(lc, lr, dtype)
@@ -121,7 +122,7 @@ def test_dwfuse_loss_multilabel(shape, dtype, detach):
 def test_dwfuse_weights(shape, dtype, multilabel):
     z, y = _dw_inputs(*shape, dtype, multilabel=multilabel)
     (wc, (zc,)), (wr, (zr,)) = _both(
-        lambda z, backend: of.dwfuse_weights(z, y, 0.9, backend=backend), [z]
+        lambda z, backend: of.dwfuse_weights(z, y, 0.9, backend=backend, multilabel=multilabel), [z]
     )
     assert wc.shape == wr.shape and wc.dtype == dtype
     assert_close(wc, wr, dtype)
@@ -152,7 +153,7 @@ def test_dwfuse_extreme_probabilities(multilabel):
     for detach in (True, False):
         _check_dw_loss(z, y, 0.5, detach, torch.float32)
     (wc, (zc,)), (wr, (zr,)) = _both(
-        lambda z, backend: of.dwfuse_weights(z, y, 0.5, backend=backend), [z]
+        lambda z, backend: of.dwfuse_weights(z, y, 0.5, backend=backend, multilabel=multilabel), [z]
     )
     assert torch.isfinite(wc).all()
     assert_close(wc, wr)
@@ -162,8 +163,12 @@ def test_dwfuse_extreme_probabilities(multilabel):
 @pytest.mark.parametrize("multilabel", [False, True])
 def test_dwfuse_gradcheck_fp64(multilabel):
     z, y = _dw_inputs(3, 3, 4, torch.float64, multilabel=multilabel, scale=2.0)
-    torch.autograd.gradcheck(lambda z: of.dwfuse_loss(z, y, 0.7, False, backend=CPU), (z,))
-    torch.autograd.gradcheck(lambda z: of.dwfuse_weights(z, y, 0.7, backend=CPU), (z,))
+    torch.autograd.gradcheck(
+        lambda z: of.dwfuse_loss(z, y, 0.7, False, backend=CPU, multilabel=multilabel), (z,)
+    )
+    torch.autograd.gradcheck(
+        lambda z: of.dwfuse_weights(z, y, 0.7, backend=CPU, multilabel=multilabel), (z,)
+    )
 
 
 @pytest.mark.parametrize("multilabel", [False, True])
@@ -280,7 +285,7 @@ def test_modality_mix(b, m, d, c, dtype, kind, weights):
     assert outc[0].dtype == outc[1].dtype == dtype
     assert torch.equal(outc[0], outr[0])  # a gather: exact
     assert_close(outc[1], outr[1], dtype)
-    for gc, gr in zip(_grads(outc, leaves_c), _grads(outr, leaves_r)):
+    for gc, gr in zip(_grads(outc, leaves_c), _grads(outr, leaves_r), strict=True):
         assert_close(gc, gr, dtype)
 
 
@@ -313,7 +318,7 @@ def test_soft_cross_entropy(b, c, dtype):
     (lc, leaves_c), (lr, leaves_r) = _both(of.soft_cross_entropy, [z, q])
     assert lc.dtype == dtype and lc.shape == ()
     assert_close(lc, lr, dtype)
-    for gc, gr in zip(_grads([lc], leaves_c), _grads([lr], leaves_r)):
+    for gc, gr in zip(_grads([lc], leaves_c), _grads([lr], leaves_r), strict=True):
         assert_close(gc, gr, dtype)
 
 
@@ -322,7 +327,7 @@ def test_soft_cross_entropy_extremes_and_gradcheck():
     q = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.25, 0.25]], requires_grad=True)
     (lc, leaves_c), (lr, leaves_r) = _both(of.soft_cross_entropy, [z, q])
     assert_close(lc, lr)
-    for gc, gr in zip(_grads([lc], leaves_c), _grads([lr], leaves_r)):
+    for gc, gr in zip(_grads([lc], leaves_c), _grads([lr], leaves_r), strict=True):
         assert_close(gc, gr)
     z64 = _randn(5, 4, dtype=torch.float64, requires_grad=True)
     q64 = torch.softmax(_randn(5, 4, dtype=torch.float64, seed=3), -1).requires_grad_(True)
@@ -349,7 +354,7 @@ def test_mimo_combine(dtype):
     rd, rlam = ref.mimo_combine(g0, gw)
     assert lam.dtype == torch.float32 and lam.shape == ()
     assert_close(lam, rlam)
-    for a, b, t in zip(d, rd, g0):
+    for a, b, t in zip(d, rd, g0, strict=True):
         assert a.dtype == t.dtype and a.shape == t.shape
         assert_close(a, b, a.dtype)
 
@@ -381,7 +386,7 @@ def test_mimo_combine_gradients(dtype):
         t.requires_grad_(True)
     (outc, leaves_c), (outr, leaves_r) = _both(fn, [*g0, *gw])
     # lam is fp32 by contract in both paths: compare at fp32 tolerance
-    for gc, gr in zip(_grads(outc, leaves_c), _grads(outr, leaves_r)):
+    for gc, gr in zip(_grads(outc, leaves_c), _grads(outr, leaves_r), strict=True):
         assert_close(gc, gr, torch.float32)
 
 
@@ -403,7 +408,7 @@ def test_mimo_direction_rounds_like_the_reference():
     d, lam = of.mimo_combine(g0, gw, backend=CPU)
     rd, rlam = ref.mimo_combine(g0, gw)
     assert torch.equal(lam, rlam)
-    assert all(torch.equal(a, b) for a, b in zip(d, rd))
+    assert all(torch.equal(a, b) for a, b in zip(d, rd, strict=True))
 
 
 @pytest.mark.parametrize("t", [1, 2, 3, 5])
@@ -445,9 +450,9 @@ def test_cra_forward(b, f, k, h, dtype, activation):
     (outc, leaves_c), (outr, leaves_r) = _both(of.cra_forward, inputs, activation=activation)
     assert outc[0].dtype == outc[1].dtype == dtype
     assert outc[1].shape == (b, k * h)
-    for a, e in zip(outc, outr):
+    for a, e in zip(outc, outr, strict=True):
         torch.testing.assert_close(a.float(), e.float(), **CRA_TOL[dtype])
-    for gc, gr in zip(_grads(outc, leaves_c), _grads(outr, leaves_r)):
+    for gc, gr in zip(_grads(outc, leaves_c), _grads(outr, leaves_r), strict=True):
         assert gc.dtype == dtype
         torch.testing.assert_close(gc.float(), gr.float(), **CRA_TOL[dtype])
 
@@ -457,7 +462,7 @@ def test_cra_one_output_used(which):
     inputs = _cra_inputs(5, 6, 2, 3, torch.float32)
     (outc, leaves_c), (outr, leaves_r) = _both(of.cra_forward, inputs, activation="silu")
     i = 0 if which == "out" else 1
-    for gc, gr in zip(_grads([outc[i]], leaves_c), _grads([outr[i]], leaves_r)):
+    for gc, gr in zip(_grads([outc[i]], leaves_c), _grads([outr[i]], leaves_r), strict=True):
         assert_close(gc, gr)
 
 
@@ -525,7 +530,7 @@ def _vs_float64(fn, z, *rest):
     zr = z.detach().double().requires_grad_(True)
     outc, outr = fn(zc, *rest, backend=CPU), fn(zr, *rest, backend="reference")
     outc, outr = (outc, outr) if isinstance(outc, tuple) else ((outc,), (outr,))
-    for a, e in zip(outc, outr):
+    for a, e in zip(outc, outr, strict=True):
         assert_close(a, e)
     if zc.requires_grad and outc[0].requires_grad:
         assert_close(_grads(outc, [zc])[0], _grads(outr, [zr])[0])
@@ -564,10 +569,10 @@ def _run_all(b):
     for name, labels in (("mc", y), ("ml", yl)):
         for det in (True, False):
             zz = z.detach().clone().requires_grad_(True)
-            loss = of.dwfuse_loss(zz, labels, 0.5, det, backend=CPU)
+            loss = of.dwfuse_loss(zz, labels, 0.5, det, backend=CPU, multilabel=name == "ml")
             out[f"dw_{name}_{det}"] = (loss, torch.autograd.grad(loss, zz)[0])
         zz = z.detach().clone().requires_grad_(True)
-        w = of.dwfuse_weights(zz, labels, 0.5, backend=CPU)
+        w = of.dwfuse_weights(zz, labels, 0.5, backend=CPU, multilabel=name == "ml")
         out[f"dww_{name}"] = (w, _grads([w], [zz])[0])
     z2 = _randn(b, 9, scale=3.0, requires_grad=True)
     y2, comb = _labels(b, 9), _comb(b, 4)
@@ -597,7 +602,7 @@ def _run_all(b):
 def _assert_identical(a, b):
     assert a.keys() == b.keys()
     for key in a:
-        for x, y in zip(a[key], b[key]):
+        for x, y in zip(a[key], b[key], strict=True):
             assert torch.equal(x, y), key
 
 

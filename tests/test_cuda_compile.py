@@ -10,11 +10,14 @@
   then declared in a scratch include directory (only for this check; the real build uses the
   toolkit's headers).
 
-The flags are the ones torch's cpp_extension passes to nvcc (no implicit half conversions).
+The flags are the ones torch's cpp_extension passes to nvcc (no implicit half conversions), and
+the C++ standard is the one setup.py builds with (the installed torch's: C++20 from torch 2.13).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import re
 import shutil
@@ -43,10 +46,25 @@ TORCH_NVCC_FLAGS = [
     "-D__CUDA_NO_HALF2_OPERATORS__",
     "--expt-relaxed-constexpr",
 ]
-HEADER_FLAGS = ["-arch=sm_90", "-std=c++17", "-O3", *TORCH_NVCC_FLAGS]
+HEADER_FLAGS = ["-arch=sm_90", "-O3", *TORCH_NVCC_FLAGS]
 TIMEOUT_S = 600
 
 HEADERS = sorted(CUDA_DIR.glob("*.cuh"))
+
+
+@functools.cache
+def _setup_module():
+    """setup.py's build logic (one source of truth for the flags of the real build)."""
+    spec = importlib.util.spec_from_file_location("omnifuse_setup", ROOT / "setup.py")
+    setup_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_module)  # defines functions only: setup() runs as __main__
+    return setup_module
+
+
+@functools.cache
+def _std_flag() -> str:
+    """``-std=...`` as setup.py decides it for the installed torch."""
+    return f"-std={_setup_module().cxx_std()}"
 
 
 def _instantiations(header: Path) -> list[str]:
@@ -59,7 +77,16 @@ def _compile_header(header: Path, workdir: Path) -> tuple[int, str, float]:
     unit = workdir / f"check_{header.stem}.cu"
     lines = [f'#include "{header.name}"', *_instantiations(header)]
     unit.write_text("\n".join(lines) + "\n")
-    cmd = [NVCC, *HEADER_FLAGS, f"-I{CUDA_DIR}", "-c", str(unit), "-o", str(unit.with_suffix(".o"))]
+    cmd = [
+        NVCC,
+        *HEADER_FLAGS,
+        _std_flag(),
+        f"-I{CUDA_DIR}",
+        "-c",
+        str(unit),
+        "-o",
+        str(unit.with_suffix(".o")),
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
     return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start
@@ -69,6 +96,7 @@ def _compile_header(header: Path, workdir: Path) -> tuple[int, str, float]:
 def header_builds(tmp_path_factory) -> dict[str, tuple[int, str, float]]:
     """Compiles every header once, in parallel; {stem: (returncode, output, seconds)}."""
     workdir = tmp_path_factory.mktemp("cuda_headers")
+    _std_flag()  # once, before the threads
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
         futures = {h.stem: pool.submit(_compile_header, h, workdir) for h in HEADERS}
@@ -120,7 +148,13 @@ _STUBS = {
 
 
 def _toolkit_include() -> Path:
-    return Path(NVCC).resolve().parent.parent / "include"
+    from torch.utils import cpp_extension
+
+    setup_module = _setup_module()
+    try:  # as setup.py finds it (nvcc on PATH may be a wrapper script)
+        return Path(setup_module.find_cuda_home(cpp_extension.CUDA_HOME)) / "include"
+    except setup_module.CudaSkip:
+        return Path(NVCC).resolve().parent.parent / "include"
 
 
 def test_bindings_compile_against_torch_headers(tmp_path):
@@ -129,8 +163,11 @@ def test_bindings_compile_against_torch_headers(tmp_path):
 
     stub_dir = tmp_path / "stubs"
     torch_includes = [Path(p) for p in cpp_extension.include_paths()]
+    # a CUDA torch's pip nvidia packages: searched after every -I dir, as in setup.py
+    pip_includes = sorted((Path(torch.__file__).parents[1] / "nvidia").glob("*/include"))
     for name, body in _STUBS.items():
-        found = any((d / name).exists() for d in [_toolkit_include(), *torch_includes])
+        dirs = [_toolkit_include(), *torch_includes, *pip_includes]
+        found = any((d / name).exists() for d in dirs)
         if not found:
             path = stub_dir / name
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +179,7 @@ def test_bindings_compile_against_torch_headers(tmp_path):
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [
         NVCC,
-        "-std=c++17",
+        _std_flag(),
         *TORCH_NVCC_FLAGS,
         # PTX only: the kernels' SASS is checked above; this is about the host-side ATen code
         "-gencode=arch=compute_90,code=compute_90",
@@ -152,6 +189,7 @@ def test_bindings_compile_against_torch_headers(tmp_path):
         *([f"-I{stub_dir}"] if stub_dir.exists() else []),
         *[f"-I{p}" for p in torch_includes],
         f"-I{CUDA_DIR}",
+        *[arg for d in pip_includes for arg in ("-isystem", str(d))],
         "-c",
         str(unit),
         "-o",

@@ -7,103 +7,36 @@ kernels (skipped elsewhere); ``tests/test_cuda_compile.py`` compile-checks the s
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import sys
 import textwrap
 import warnings
 
+import _harness
 import pytest
 import torch
-from conftest import assert_close, tol
+from _harness import DTYPES, assert_close, falls_back, no_fallback
+from _op_samples import compiled_samples, on
 
 import omnifuse_fast as of
 from omnifuse_fast import _dispatch
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
-
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DEV = "cuda"
+pytestmark = [pytest.mark.gpu, pytest.mark.backend("cuda", device=DEV)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cuda_backend():
-    reason = _dispatch.unavailable_reason("dwfuse_loss", "cuda", torch.device(DEV))
-    if reason is not None:
-        pytest.skip(f"the cuda backend is not available: {reason}")
+# the harness's helpers on this device and backend (tests/_harness.py)
+gen = functools.partial(_harness.gen, device=DEV)
+randn = functools.partial(_harness.randn, device=DEV)
+randint = functools.partial(_harness.randint, device=DEV)
+check = functools.partial(_harness.check, backend="cuda")
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator(DEV).manual_seed(seed)
-
-
-def randn(*shape, seed=0, scale=1.0, dtype=torch.float32):
-    return (torch.randn(shape, generator=gen(seed), device=DEV) * scale).to(dtype)
-
-
-def randint(lo, hi, shape, seed=0):
-    return torch.randint(lo, hi, shape, generator=gen(seed), device=DEV)
-
-
-def flat(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for o in out for t in flat(o)]
-
-
-def run(op, args, diff, backend, **kw):
-    """Outputs of ``op`` and the gradients of a random projection of them w.r.t. args[diff]."""
-    args = list(args)
-    leaves = []
-    for i in diff:
-        if isinstance(args[i], list):
-            args[i] = [t.detach().clone().requires_grad_() for t in args[i]]
-            leaves += args[i]
-        else:
-            args[i] = args[i].detach().clone().requires_grad_()
-            leaves.append(args[i])
-    outs = flat(getattr(of, op)(*args, backend=backend, **kw))
-    grads = []
-    if leaves:
-        loss = sum(
-            (o.float() * randn(*o.shape, seed=100 + j)).sum()
-            for j, o in enumerate(outs)
-            if o.is_floating_point() and o.requires_grad
-        )
-        grads = list(torch.autograd.grad(loss, leaves, allow_unused=True))
-    return [o.detach() for o in outs], grads
-
-
-def close_scaled(actual, expected, dtype):
-    """Low precision after long reductions (matmuls over F, sums over B): the error is bounded
-    relative to the tensor's scale, not each element's (an element summing to ~0 keeps the rest's
-    absolute error)."""
-    if dtype == torch.float32:
-        assert_close(actual, expected, dtype)
-        return
-    t = tol(dtype)
-    err = (actual.float() - expected.float()).abs().max().item()
-    bound = t["rtol"] * expected.float().abs().max().item() + t["atol"]
-    assert err <= bound, f"max error {err} > {bound}"
-
-
-def check(op, args, diff=(), dtype=torch.float32, scaled=False, **kw):
-    want, want_g = run(op, args, diff, "reference", **kw)
-    got, got_g = run(op, args, diff, "cuda", **kw)
-    compare = close_scaled if scaled else assert_close
-    assert len(got) == len(want)
-    for a, e in zip(got, want):
-        assert a.dtype == e.dtype and a.shape == e.shape and a.device == e.device
-        compare(a, e, dtype)
-    for a, e in zip(got_g, want_g):
-        if e is None:
-            assert a is None or not a.any()
-            continue
-        assert a is not None
-        compare(a, e, dtype)
+def composite_warnings(caught) -> list:
+    """The C++ op's own fallback to its ATen composite (warned on every call)."""
+    return [w for w in caught if "ATen composite" in str(w.message)]
 
 
 # ------------------------------------------------------------------------------------- CRA
@@ -124,18 +57,52 @@ def cra_inputs(b, f, h, k, dtype, seed=0):
 def test_cra_fused(shape, activation, dtype):
     b, f, h, k = shape  # 1000 and 333 rows: a partial last row tile
     args = cra_inputs(b, f, h, k, dtype) + [activation]
-    with warnings.catch_warnings(record=True) as caught:
+    # the fused kernels must take these shapes: no fallback reported, nor the C++ composite run
+    with no_fallback("cra_forward", "cuda"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check("cra_forward", args, diff=(0, 1, 2, 3, 4), dtype=dtype, scaled=True)
-    # the fused kernels must take these shapes: no fallback to the ATen composite
-    assert not [w for w in caught if "ATen composite" in str(w.message)]
+    assert not composite_warnings(caught)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_cra_fallback_shapes(dtype):
-    # F = 72 is not a multiple of 16 (and fp64 never takes the fused kernel): ATen composite
+    # F = 72 is not a multiple of 16 (and fp64 never takes the fused kernel): the dispatcher
+    # sends them to the reference and records why, before the C++ op could fall back itself
     args = cra_inputs(100, 72, 24, 2, dtype) + ["gelu"]
-    check("cra_forward", args, diff=(0, 1, 2, 3, 4), dtype=dtype, scaled=True)
+    why = "fp32, bf16 and fp16 only" if dtype == torch.float64 else "multiples of 16"
+    with falls_back("cra_forward", "cuda", why) as caught:
+        check("cra_forward", args, diff=(0, 1, 2, 3, 4), dtype=dtype, scaled=True)
+    assert not composite_warnings(caught)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "f,h",
+    [(32, 16), (72, 24), (1024, 256), (1040, 16), (64, 272), (512, 128)],
+)
+def test_cra_guard_agrees_with_the_kernel(f, h, dtype):
+    """The Python guard (omnifuse_fast/compiled/_cuda_cra.py) and the kernel's own check agree: the
+    C++ op runs its composite exactly where the guard sends the public op to the reference."""
+    from omnifuse_fast.compiled._cuda_cra import fused_reason
+
+    args = cra_inputs(40, f, h, 2, dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.ops.omnifuse_fast.cra_forward(*args, "relu")
+    reason = fused_reason(*args)
+    assert (reason is None) == (not composite_warnings(caught)), (reason, caught)
+
+
+_SAMPLES = compiled_samples()
+
+
+@pytest.mark.parametrize(
+    "name,args", _SAMPLES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(_SAMPLES)]
+)
+def test_opcheck_cuda(name, args):
+    """torch.library.opcheck on the CUDA registrations (the CPU ones: tests/test_opcheck.py)."""
+    _dispatch.load_error("cuda")  # the fake impls and autograd formulas
+    torch.library.opcheck(getattr(torch.ops.omnifuse_fast, name).default, on(DEV, args))
 
 
 # ---------------------------------------------------------------------------------- DWFuse
@@ -157,9 +124,9 @@ def test_dwfuse_multiclass(shape, dtype):
 def test_dwfuse_multilabel(ncls, dtype):
     z = randn(2048, 8, ncls, seed=3, scale=3.0, dtype=dtype)
     y = randint(0, 2, (2048, ncls), seed=4).to(dtype)
-    check("dwfuse_weights", [z, y, 0.7], diff=(0,), dtype=dtype)
+    check("dwfuse_weights", [z, y, 0.7], diff=(0,), dtype=dtype, multilabel=True)
     for detach in (True, False):
-        check("dwfuse_loss", [z, y, 0.7, detach], diff=(0,), dtype=dtype)
+        check("dwfuse_loss", [z, y, 0.7, detach], diff=(0,), dtype=dtype, multilabel=True)
 
 
 def test_dwfuse_extreme_probabilities():
@@ -276,7 +243,7 @@ def test_mimo_combine(dtype):
     d_ref, lam_ref = of.mimo_combine(g0, gw, backend="reference")
     d, lam = of.mimo_combine(g0, gw, backend="cuda")
     torch.testing.assert_close(lam, lam_ref, rtol=1e-6, atol=1e-7)
-    for a, e in zip(d, d_ref):
+    for a, e in zip(d, d_ref, strict=True):
         assert a.shape == e.shape and a.dtype == e.dtype
         assert_close(a, e, dtype)
     gram = torch.ops.omnifuse_fast.mimo_gram(g0, gw)
@@ -296,7 +263,7 @@ def test_mimo_mixed_dtypes_and_determinism():
     d_ref, lam_ref = of.mimo_combine(g0, gw, backend="reference")
     d, lam = of.mimo_combine(g0, gw, backend="cuda")
     torch.testing.assert_close(lam, lam_ref, rtol=1e-6, atol=1e-7)
-    for a, e in zip(d, d_ref):
+    for a, e in zip(d, d_ref, strict=True):
         assert_close(a, e, a.dtype)
 
 
@@ -321,8 +288,9 @@ for dtype in (torch.float32, torch.bfloat16):
     y = torch.randint(0, 10, (33,), device=dev)
     yl = torch.randint(0, 2, (33, 10), device=dev).to(dtype)
     for lab in (y, yl):
-        of.dwfuse_weights(z, lab, backend="cuda").float().sum().backward()
-        of.dwfuse_loss(z, lab, detach_weight=False, backend="cuda").backward()
+        ml = lab.dim() == 2
+        of.dwfuse_weights(z, lab, backend="cuda", multilabel=ml).float().sum().backward()
+        of.dwfuse_loss(z, lab, detach_weight=False, backend="cuda", multilabel=ml).backward()
 
     logits = torch.randn(33, 10, device=dev, dtype=dtype, requires_grad=True)
     present = torch.rand(33, 3, device=dev) > 0.3

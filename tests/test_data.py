@@ -22,6 +22,7 @@ from omnifuse_fast.data import (
     standardize,
     stratified_split,
 )
+from omnifuse_fast.data.split import fit_scaler, scale, split_rows
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,35 @@ def test_stratified_split_other_fractions(mfeat):
     tr, va, te = stratified_split(mfeat.labels, (0.8, 0.1, 0.1), seed=0)
     assert (len(tr), len(va), len(te)) == (1600, 200, 200)
     assert np.bincount(mfeat.labels[va], minlength=10).tolist() == [20] * 10
+
+
+def test_split_rows_serves_the_builtin_data_and_the_classifier(mfeat):
+    """One split implementation: the built-in data's and users' (any labels, no held-out
+    rows, classes too small to stratify, multilabel matrices)."""
+    same = zip(split_rows(mfeat.labels, 0.2, 0.2, 1), stratified_split(mfeat.labels, seed=1))
+    assert all(np.array_equal(a, b) for a, b in same)
+    tr, va, te = split_rows(np.arange(10) % 2, 0.0, 0.0)
+    assert tr.tolist() == list(range(10)) and va.size == te.size == 0
+    y = np.array(["a"] * 9 + ["b"])  # "b" has one row: split without stratification
+    tr, va, te = split_rows(y, 0.05, 0.2, seed=0)
+    assert (tr.size, va.size, te.size) == (7, 1, 2)
+    tr, va, te = split_rows(np.eye(4)[np.arange(20) % 4], 0.25, 0.25)  # multilabel [N, C]
+    assert (tr.size, va.size, te.size) == (10, 5, 5)
+    assert sorted(np.concatenate([tr, va, te]).tolist()) == list(range(20))
+    with pytest.raises(ValueError, match="no training rows"):
+        split_rows(np.arange(4) % 2, 0.5, 0.5)
+
+
+def test_fit_scaler_keeps_the_statistics_of_observed_training_rows(mfeat):
+    """What the classifier stores and re-applies at predict time (``scale``)."""
+    tr, _, _ = stratified_split(mfeat.labels, seed=0)
+    observed = np.random.default_rng(0).random((mfeat.num_samples, 6)) > 0.3
+    means, stds = fit_scaler(mfeat.views, tr, observed)
+    z = scale(mfeat.views, means, stds)
+    for m, v in enumerate(mfeat.views):
+        rows = tr[observed[tr, m]]
+        assert np.allclose(means[m], v[rows].mean(axis=0)) and means[m].dtype == np.float64
+        assert z[m].dtype == np.float32 and np.abs(z[m][rows].mean(axis=0)).max() < 1e-4
 
 
 def test_standardize_uses_training_statistics(mfeat):
@@ -332,3 +362,107 @@ def test_function_bad_inputs():
         standardize(views, np.array([7]))
     with pytest.raises(ValueError, match="observed"):
         standardize(views, np.arange(3), observed=np.ones((5, 2), bool))
+
+
+# --- per-sample corruption (swap, heavy-noise, noise) ------------------------------------------
+
+
+def _toy(n=300, m=4, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 5, n)
+    views = [rng.normal(size=(n, d)).astype(np.float32) + labels[:, None] for d in (3, 5, 2, 4)[:m]]
+    observed = ~missing_mask(n, m, 0.3, rng)
+    for v, o in zip(views, observed.T):
+        v[~o] = 0.0
+    return views, labels, observed
+
+
+@pytest.mark.parametrize("kind", ["swap", "heavy-noise"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_corruption_changes_k_observed_views_per_sample(kind, k):
+    from omnifuse_fast.data import Corruption, corrupt
+
+    views, labels, observed = _toy()
+    before = [v.copy() for v in views]
+    out, changed, _ = corrupt(views, labels, observed, Corruption(kind, k=k), 5)
+    assert all(np.array_equal(a, b) for a, b in zip(before, views)), "input modified"
+    assert not (changed & ~observed).any(), "a missing view was corrupted"
+    np.testing.assert_array_equal(changed.sum(1), np.minimum(k, observed.sum(1)))
+    assert changed.sum(0).min() > 0  # the chosen views vary from sample to sample
+    for j in range(len(views)):
+        diff = np.abs(out[j] - views[j]).max(axis=1) > 0
+        np.testing.assert_array_equal(diff, changed[:, j])  # exactly the marked entries changed
+
+
+def test_swap_takes_the_view_of_another_class():
+    from omnifuse_fast.data import Corruption, corrupt
+
+    views, labels, observed = _toy()
+    out, changed, donors = corrupt(views, labels, observed, Corruption("swap", k=2), 1)
+    rows, cols = np.nonzero(changed)
+    assert rows.size and (donors[changed] >= 0).all() and (donors[~changed] == -1).all()
+    assert (labels[donors[rows, cols]] != labels[rows]).all()
+    assert observed[donors[rows, cols], cols].all()  # the donor observes the view
+    for i, j in zip(rows, cols):
+        np.testing.assert_array_equal(out[j][i], views[j][donors[i, j]])
+
+
+def test_corruption_is_deterministic_for_a_seed():
+    from omnifuse_fast.data import Corruption, corrupt
+
+    views, labels, observed = _toy()
+    for kind in ("swap", "heavy-noise", "noise"):
+        c = Corruption(kind, k=2)
+        a, ca, _ = corrupt(views, labels, observed, c, 3)
+        b, cb, _ = corrupt(views, labels, observed, c, np.random.default_rng(3))
+        d, _, _ = corrupt(views, labels, observed, c, 4)
+        assert np.array_equal(ca, cb) and all(np.array_equal(x, y) for x, y in zip(a, b))
+        assert not all(np.array_equal(x, y) for x, y in zip(a, d))
+
+
+def test_noise_kind_is_uniform_on_the_named_views():
+    from omnifuse_fast.data import Corruption, corrupt
+
+    views, labels, observed = _toy(n=4000)
+    c = Corruption("noise", std=0.5, views=("1",))
+    out, changed, _ = corrupt(views, labels, observed, c, 0, view_names=["0", "1", "2", "3"])
+    np.testing.assert_array_equal(changed[:, 1], observed[:, 1])
+    assert not changed[:, [0, 2, 3]].any()
+    d = (out[1] - views[1])[observed[:, 1]]
+    assert abs(d.std() - 0.5) < 0.02
+    heavy = corrupt(views, labels, observed, Corruption("heavy-noise"), 0)
+    assert abs((heavy[0][0] - views[0])[heavy[1][:, 0]].std() - 5.0) < 0.2  # default std 5
+    with pytest.raises(ValueError, match="unknown view"):
+        corrupt(views, labels, observed, Corruption("noise", views=("x",)), 0, ["0", "1", "2", "3"])
+
+
+def test_corrupt_splits_same_process_per_split_and_seeded():
+    from omnifuse_fast.data import Corruption, corrupt_splits
+
+    splits = prepare_mfeat(missing_rate=0.3, seed=0)
+    c = Corruption("swap", k=2)
+    a, info = corrupt_splits(splits, c, 7)
+    b, _ = corrupt_splits(splits, c, 7)
+    for name in ("train", "val", "test"):
+        ch = info[name]["corrupted"]
+        obs = splits[name].observed.numpy()
+        np.testing.assert_array_equal(ch.sum(1), np.minimum(2, obs.sum(1)))
+        donors = info[name]["donors"][ch]
+        assert donors.max() < len(splits[name])  # donors from the same split
+        for x, y in zip(a[name].views, b[name].views):
+            assert torch.equal(x, y)
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(splits["test"].views, prepare_mfeat(0.3, seed=0)["test"].views)
+    )
+
+
+def test_corruption_rejects_bad_options():
+    from omnifuse_fast.data import Corruption
+
+    with pytest.raises(ValueError, match="corruption must be one of"):
+        Corruption("blur")
+    with pytest.raises(ValueError, match="corrupt_views"):
+        Corruption("swap", k=0)
+    with pytest.raises(ValueError, match="corrupt_std"):
+        Corruption("heavy-noise", std=-1.0)

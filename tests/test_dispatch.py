@@ -10,12 +10,13 @@ import threading
 
 import pytest
 import torch
+from _harness import EXPECT_ENV, OPS
 
 import omnifuse_fast as of
 from omnifuse_fast import _dispatch, ops, reference
 
 CPU = torch.device("cpu")
-OPS = tuple(_dispatch.OPS)
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -26,6 +27,10 @@ def isolated(monkeypatch):
     monkeypatch.setattr(_dispatch, "_impls", dict(_dispatch._impls))
     monkeypatch.setattr(_dispatch, "_availability", dict(_dispatch._availability))
     monkeypatch.setattr(_dispatch, "_load_errors", dict(_dispatch._load_errors))
+    monkeypatch.setattr(_dispatch, "_guards", dict(_dispatch._guards))
+    monkeypatch.setattr(_dispatch, "_usage", {})
+    monkeypatch.setattr(_dispatch, "_fallbacks", {})
+    monkeypatch.setattr(_dispatch, "_warned", set())
     return monkeypatch
 
 
@@ -125,7 +130,7 @@ def test_cpu_backend_reason_when_missing():
 
 
 def test_failed_loader_is_reported_not_fatal(isolated):
-    isolated.setitem(_dispatch._LOADERS, "triton", "omnifuse_fast._no_such_module_for_test")
+    isolated.setitem(_dispatch._LOADERS, "triton", ("omnifuse_fast._no_such_module_for_test",))
     isolated.setattr(_dispatch, "_loaded", _dispatch._loaded - {"triton"})
     if hasattr(_dispatch, "_ready"):
         isolated.setattr(_dispatch, "_ready", _dispatch._ready - {"triton"})
@@ -259,10 +264,9 @@ def test_threads_racing_the_first_lazy_load():
     assert proc.stdout.startswith("ok") and "reference" in proc.stdout
 
 
+@pytest.mark.backend("cpu")
 def test_auto_trains_on_the_cpu_cra_cascade():
     """Measured (benchmarks/NOTES.md): the C++ CRA fwd+bwd now beats autograd on CPU."""
-    if "cpu" not in of.available_backends("cpu"):
-        pytest.skip("the cpu backend is not built")
     for needs_grad in (False, True):
         choice = _dispatch.resolve("cra_forward", "auto", CPU, needs_grad=needs_grad)
         assert choice.backend == "cpu"
@@ -278,3 +282,113 @@ def test_auto_passes_over_a_backend_measured_slower_for_training(isolated):
     assert _dispatch.resolve("dwfuse_loss", "auto", CPU, needs_grad=True).backend == "reference"
     # an explicit backend is always honoured
     assert _dispatch.resolve("dwfuse_loss", "cpu", CPU, needs_grad=True).backend == "cpu"
+
+
+# ----------------------------------------------------------------- usage and fallback record
+
+
+def test_usage_records_the_backend_that_ran_per_family(isolated):
+    z, y = torch.randn(4, 2, 3), torch.tensor([0, 1, 2, 0])
+    of.dwfuse_loss(z, y, backend="reference")
+    of.soft_cross_entropy(z[:, 0], torch.softmax(z[:, 1], 1), backend="reference")
+    assert _dispatch.backend_usage() == {"dwfuse": "reference", "mix": "reference"}
+    _dispatch.reset_backend_usage()
+    assert _dispatch.backend_usage() == {}
+
+
+def test_a_fallback_moves_the_call_to_the_backend_that_ran(isolated):
+    _dispatch.set_availability("cpu", lambda device: None)
+    _dispatch.register("dwfuse_loss", "cpu", lambda *a: "cpu ran")
+    _dispatch.resolve("dwfuse_loss", "cpu", CPU)
+    assert _dispatch.backend_usage() == {"dwfuse": "cpu"}
+    with pytest.warns(UserWarning, match="cpu dwfuse_loss falls back to the reference: why"):
+        _dispatch.fallback("dwfuse_loss", "cpu", "reference", "why")
+    assert _dispatch.backend_usage() == {"dwfuse": "reference"}  # cpu did not run this call
+    assert _dispatch.fallback_reasons() == {("dwfuse_loss", "cpu"): "why"}
+    _dispatch.resolve("dwfuse_loss", "cpu", CPU)  # a second call that stays on cpu
+    assert _dispatch.backend_usage() == {"dwfuse": "cpu+reference"}
+    _dispatch.clear_fallbacks()
+    assert _dispatch.fallback_reasons() == {}
+
+
+def test_a_guard_sends_inputs_a_backend_cannot_take_to_the_reference(isolated):
+    _dispatch.set_availability("cpu", lambda device: None)
+    _dispatch.register("soft_cross_entropy", "cpu", lambda z, q: "fast")
+    _dispatch.register_guard(
+        "soft_cross_entropy",
+        "cpu",
+        lambda z, q: "fp64 inputs" if z.dtype == torch.float64 else None,
+    )
+    z = torch.randn(3, 4)
+    q = torch.softmax(z, 1)
+    assert of.soft_cross_entropy(z, q, backend="cpu") == "fast"
+    assert _dispatch.backend_usage() == {"mix": "cpu"} and not _dispatch.fallback_reasons()
+    _dispatch.reset_backend_usage()
+    with pytest.warns(UserWarning, match="falls back to the reference: fp64 inputs"):
+        got = of.soft_cross_entropy(z.double(), q.double(), backend="cpu")
+    assert torch.equal(got, reference.soft_cross_entropy(z.double(), q.double()))
+    assert _dispatch.backend_usage() == {"mix": "reference"}
+    assert _dispatch.fallback_reasons() == {("soft_cross_entropy", "cpu"): "fp64 inputs"}
+
+
+def test_cuda_cra_guard_names_each_limit():
+    """The CUDA CRA guard (no GPU needed for these): what the fused kernel cannot take."""
+    from omnifuse_fast.compiled._cuda_cra import fused_reason, smem_bytes
+
+    def args(f, h, dtype=torch.float32, offset=0):
+        x = torch.zeros(2 * f + offset, dtype=dtype)[offset:].view(2, f)
+        return x, torch.zeros(1, h, f, dtype=dtype), None, torch.zeros(1, f, h, dtype=dtype), None
+
+    assert "fp32, bf16 and fp16" in fused_reason(*args(32, 16, torch.float64))
+    assert "multiples of 16" in fused_reason(*args(72, 16))
+    assert "multiples of 16" in fused_reason(*args(32, 24))
+    assert "F <= 1024" in fused_reason(*args(1040, 16))
+    assert "H <= 256" in fused_reason(*args(32, 272))
+    assert "aligned" in fused_reason(*args(32, 16, offset=1))
+    # the shared-memory plan of cra.cuh: fp32 SIMT tile and fp16 tensor-core tile at the limits
+    assert smem_bytes(1024, 256, 4) == 4 * 16 * 1028 + 4 * 16 * 260
+    assert smem_bytes(1024, 256, 2) == 65792 + 33024 + 16640 + 8448
+
+
+# ------------------------------------------------------------------------ expected backends
+
+
+def _pytest(tmp_path, env: dict, *args: str, poison: str = ""):
+    """pytest in a fresh process on a one-test file gated by the cpu backend; ``poison``: a
+    module made unimportable there (a broken build)."""
+    test = tmp_path / "test_gated.py"
+    test.write_text("import pytest\n\n@pytest.mark.backend('cpu')\ndef test_cpu():\n    pass\n")
+    tests = ROOT / "tests"
+    (tmp_path / "conftest.py").write_text(  # the suite's own hooks, run in this folder
+        f"import sys\nsys.path.insert(0, {str(tests)!r})\n"
+        + (f"sys.modules[{poison!r}] = None\n" if poison else "")
+        + f"exec(open({str(tests / 'conftest.py')!r}).read())\n"
+    )
+    full_env = {k: v for k, v in __import__("os").environ.items() if k != EXPECT_ENV}
+    full_env.update(env)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test), *args]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env=full_env, cwd=tmp_path
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_expected_backend_that_fails_to_load_fails_the_suite(tmp_path):
+    # omnifuse_fast.triton made unimportable: the triton backend fails to load
+    rc, out = _pytest(tmp_path, {EXPECT_ENV: "cpu,triton"}, poison="omnifuse_fast.triton")
+    assert rc == 1, out[-3000:]
+    assert "expects backends that cannot run here" in out and "triton: it failed to load" in out
+    assert "ModuleNotFoundError" in out, out[-3000:]
+
+
+def test_missing_backend_skips_unless_expected(tmp_path):
+    # the compiled extension made unimportable: the cpu backend is missing
+    rc, out = _pytest(tmp_path, {}, "-rs", poison="omnifuse_fast._C")
+    assert rc == 0 and "1 skipped" in out and "extension is not built" in out, out[-3000:]
+    rc, out = _pytest(tmp_path, {EXPECT_ENV: "cpu"}, poison="omnifuse_fast._C")
+    assert rc == 1 and "cpu: the compiled extension is not built" in out, out[-3000:]
+
+
+def test_misspelt_expected_backend_is_an_error(tmp_path):
+    rc, out = _pytest(tmp_path, {EXPECT_ENV: "cpu,trition"})
+    assert rc != 0 and "trition" in out, out[-3000:]

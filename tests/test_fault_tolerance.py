@@ -252,6 +252,22 @@ def test_non_finite_loss_stops_naming_step_and_term(tmp_path, term, name):
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
 
 
+def test_a_check_every_n_steps_still_names_the_bad_step_and_term(tmp_path):
+    """``check_every=3``: no sync in between; the check names step 2 and its term, and says
+    how many updates ran past it (the epoch's checkpoint is never written after it)."""
+    torch.set_num_threads(1)
+    config = TrainConfig(**_config(epochs=3, check_every=3))
+    trainer = Trainer(config, tmp_path, synthetic_splits())
+    trainer._one_epoch(None)
+    _poison(trainer, "tla", at_step=2)
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer._one_epoch(None)
+    msg = str(err.value)
+    assert "epoch 2, step 2" in msg and "term 'tla'" in msg and "L_TLA" in msg
+    assert "every 3 steps" in msg and "after 1 update(s)" in msg and "holds epoch 1" in msg
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
 def test_the_finite_check_can_be_switched_off(tmp_path):
     trainer = Trainer(
         TrainConfig(**_config(epochs=1)), None, synthetic_splits(), check_finite=False

@@ -606,3 +606,34 @@ def test_omnifuse_auto_backend_agrees_with_reference():
     got = model(views, obs, y, present=present).losses
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+def test_branch_free_drop_equals_the_branchy_one():
+    """The drop restores an emptied row without a host branch; the mask is the one a branchy
+    version (restore only when some row is empty) gives from the same draw."""
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        obs = torch.rand(16, 4, generator=g) < 0.6
+        obs[:, 0] |= ~obs.any(dim=1)
+        got = supervision_drop(obs, 0.7, torch.Generator().manual_seed(seed))
+        draw = torch.rand(obs.shape, generator=torch.Generator().manual_seed(seed))
+        want = obs & (draw >= 0.7)
+        empty = ~want.any(dim=1)
+        if bool(empty.any()):
+            keep = torch.where(obs, draw, torch.full_like(draw, -1.0)).argmax(dim=1)
+            want[empty, keep[empty]] = True
+        assert torch.equal(got, want)
+
+
+def test_miner_loss_reads_the_lazy_id_as_a_tensor_and_equals_tla_loss():
+    import omnifuse_fast as of
+
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(12, 4, generator=g), torch.randint(0, 4, (12,), generator=g)
+    comb = torch.randint(1, 8, (12,), generator=g)
+    for backend in of.available_backends("cpu"):
+        miner = TLAMiner(3, backend=backend)
+        for lazy in range(1, 8):
+            miner.lazy = lazy
+            want = of.tla_loss(logits, labels, comb, lazy, backend=backend)
+            assert torch.equal(miner.loss(logits, labels, comb), want), (backend, lazy)

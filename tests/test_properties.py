@@ -33,10 +33,10 @@ def test_omega_in_unit_interval(bsz, nmod, ncls, scale, beta, multilabel, seed):
         y = torch.randint(0, 2, (bsz, ncls), generator=g).float()
     else:
         y = torch.randint(0, ncls, (bsz,), generator=g)
-    omega = of.dwfuse_weights(z, y, beta=beta, backend="reference")
+    omega = of.dwfuse_weights(z, y, beta=beta, backend="reference", multilabel=multilabel)
     assert torch.isfinite(omega).all()
     assert (omega >= 0).all() and (omega <= 1).all()
-    loss = of.dwfuse_loss(z, y, beta=beta, backend="reference")
+    loss = of.dwfuse_loss(z, y, beta=beta, backend="reference", multilabel=multilabel)
     assert torch.isfinite(loss) and loss >= 0
 
 

@@ -122,11 +122,11 @@ def test_hand_computed_multilabel():
     # M=2, C=2; label row [1, 0]. z = 0 -> p = 1/2; z_{1,0} = log 3 -> p = 3/4 (label 1)
     z = torch.tensor([[[0.0, 0.0], [math.log(3.0), math.log(3.0)]]], dtype=torch.float64)
     y = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
-    omega = of.dwfuse_weights(z, y, beta=1.0, backend="reference")
+    omega = of.dwfuse_weights(z, y, beta=1.0, backend="reference", multilabel=True)
     # label 0 (y=1): p = (1/2, 3/4); label 1 (y=0): p = (1/2, 1/4)
     want = torch.tensor([[[0.25, 0.75], [0.5, 0.5]]], dtype=torch.float64)
     torch.testing.assert_close(omega, want, rtol=1e-12, atol=1e-12)
-    loss = of.dwfuse_loss(z, y, beta=1.0, backend="reference")
+    loss = of.dwfuse_loss(z, y, beta=1.0, backend="reference", multilabel=True)
     bce = [[-math.log(0.5), -math.log(0.5)], [-math.log(0.75), -math.log(0.25)]]
     want_loss = sum(sum(want[0, m, k].item() * bce[m][k] for k in range(2)) / 2 for m in range(2))
     assert abs(float(loss) - want_loss) < 1e-12
@@ -139,12 +139,14 @@ def test_hand_computed_multilabel():
 @pytest.mark.parametrize("multilabel", [False, True], ids=["multiclass", "multilabel"])
 def test_weights_and_loss_match_loop(bsz, nmod, ncls, beta, multilabel):
     z, y = make(bsz, nmod, ncls, seed=bsz * nmod, dtype=torch.float64, multilabel=multilabel)
-    omega = of.dwfuse_weights(z, y, beta=beta, backend="reference")
+    omega = of.dwfuse_weights(z, y, beta=beta, backend="reference", multilabel=multilabel)
     want_shape = (bsz, nmod, ncls) if multilabel else (bsz, nmod)
     assert omega.shape == want_shape and omega.dtype == torch.float64
     torch.testing.assert_close(omega, loop_omega(z, y, beta), rtol=1e-10, atol=1e-12)
     for detach in (True, False):
-        loss = of.dwfuse_loss(z, y, beta=beta, detach_weight=detach, backend="reference")
+        loss = of.dwfuse_loss(
+            z, y, beta=beta, detach_weight=detach, backend="reference", multilabel=multilabel
+        )
         assert loss.dim() == 0
         torch.testing.assert_close(loss, loop_loss(z, y, beta), rtol=1e-10, atol=1e-12)
 
@@ -152,10 +154,10 @@ def test_weights_and_loss_match_loop(bsz, nmod, ncls, beta, multilabel):
 @pytest.mark.parametrize("multilabel", [False, True], ids=["multiclass", "multilabel"])
 def test_fp32_matches_loop(multilabel):
     z, y = make(6, 4, 5, seed=21, multilabel=multilabel)
-    omega = of.dwfuse_weights(z, y, backend="reference")
+    omega = of.dwfuse_weights(z, y, backend="reference", multilabel=multilabel)
     assert omega.dtype == torch.float32
     torch.testing.assert_close(omega.double(), loop_omega(z, y, 0.5), rtol=1e-5, atol=1e-6)
-    loss = of.dwfuse_loss(z, y, backend="reference")
+    loss = of.dwfuse_loss(z, y, backend="reference", multilabel=multilabel)
     torch.testing.assert_close(loss.double(), loop_loss(z, y, 0.5), rtol=1e-5, atol=1e-6)
 
 
@@ -181,7 +183,9 @@ def test_gradient_matches_independent_formula(multilabel, detach):
     z, y = make(4, 3, 4, seed=13, dtype=torch.float64, multilabel=multilabel)
     z1 = z.clone().requires_grad_()
     z2 = z.clone().requires_grad_()
-    of.dwfuse_loss(z1, y, beta=0.7, detach_weight=detach, backend="reference").backward()
+    of.dwfuse_loss(
+        z1, y, beta=0.7, detach_weight=detach, backend="reference", multilabel=multilabel
+    ).backward()
     torch_independent_loss(z2, y, 0.7, detach).backward()
     torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-9, atol=1e-12)
 
@@ -202,10 +206,14 @@ def test_gradcheck(multilabel):
     z, y = make(3, 3, 4, seed=5, dtype=torch.float64, multilabel=multilabel)
     z.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda t: of.dwfuse_weights(t, y, beta=0.8, backend="reference"), (z,)
+        lambda t: of.dwfuse_weights(t, y, beta=0.8, backend="reference", multilabel=multilabel),
+        (z,),
     )
     assert torch.autograd.gradcheck(
-        lambda t: of.dwfuse_loss(t, y, beta=0.8, detach_weight=False, backend="reference"), (z,)
+        lambda t: of.dwfuse_loss(
+            t, y, beta=0.8, detach_weight=False, backend="reference", multilabel=multilabel
+        ),
+        (z,),
     )
 
 
@@ -232,7 +240,9 @@ def test_detached_gradient_finite_differences(multilabel):
         zm.view(-1)[idx] -= eps
         numeric.view(-1)[idx] = (fixed_weight_loss(zp) - fixed_weight_loss(zm)) / (2 * eps)
     zz = z.clone().requires_grad_()
-    of.dwfuse_loss(zz, y, beta=0.8, detach_weight=True, backend="reference").backward()
+    of.dwfuse_loss(
+        zz, y, beta=0.8, detach_weight=True, backend="reference", multilabel=multilabel
+    ).backward()
     torch.testing.assert_close(zz.grad, numeric, rtol=1e-6, atol=1e-8)
 
 
@@ -268,7 +278,7 @@ def test_extreme_probabilities_multiclass():
 def test_extreme_probabilities_multilabel():
     z = torch.tensor([[[1e4, -1e4], [1e4, -1e4]], [[-1e4, 1e4], [1e4, 1e4]]])
     y = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    omega = of.dwfuse_weights(z, y, backend="reference")
+    omega = of.dwfuse_weights(z, y, backend="reference", multilabel=True)
     assert torch.isfinite(omega).all() and (omega >= 0).all() and (omega <= 1).all()
     # sample 0: every label right in both modalities -> 0. Sample 1: modality 0 is wrong on
     # both labels, modality 1 right on label 0 (p = 1) and wrong on label 1 (p = 0).
@@ -276,7 +286,7 @@ def test_extreme_probabilities_multilabel():
     assert torch.equal(omega[1], torch.tensor([[0.0, 1.0], [1.0, 1.0]]))
     for detach in (True, False):
         zz = z.clone().requires_grad_()
-        loss = of.dwfuse_loss(zz, y, detach_weight=detach, backend="reference")
+        loss = of.dwfuse_loss(zz, y, detach_weight=detach, backend="reference", multilabel=True)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(zz.grad).all()
 
@@ -296,18 +306,24 @@ def test_batch_one_c2(nmod):
 @pytest.mark.parametrize("multilabel", [False, True], ids=["multiclass", "multilabel"])
 def test_low_precision(dtype, multilabel):
     z, y = make(6, 3, 5, seed=9, dtype=dtype, multilabel=multilabel)
-    omega = of.dwfuse_weights(z, y, backend="reference")
-    loss = of.dwfuse_loss(z, y, backend="reference")
+    omega = of.dwfuse_weights(z, y, backend="reference", multilabel=multilabel)
+    loss = of.dwfuse_loss(z, y, backend="reference", multilabel=multilabel)
     assert omega.dtype == loss.dtype == dtype
     y32 = y.float() if multilabel else y
     torch.testing.assert_close(
-        omega.float(), of.dwfuse_weights(z.float(), y32, backend="reference"), **tol(dtype)
+        omega.float(),
+        of.dwfuse_weights(z.float(), y32, backend="reference", multilabel=multilabel),
+        **tol(dtype),
     )
     torch.testing.assert_close(
-        loss.float(), of.dwfuse_loss(z.float(), y32, backend="reference"), **tol(dtype)
+        loss.float(),
+        of.dwfuse_loss(z.float(), y32, backend="reference", multilabel=multilabel),
+        **tol(dtype),
     )
     zz = z.clone().requires_grad_()
-    of.dwfuse_loss(zz, y, detach_weight=False, backend="reference").backward()
+    of.dwfuse_loss(
+        zz, y, detach_weight=False, backend="reference", multilabel=multilabel
+    ).backward()
     assert zz.grad.dtype == dtype and torch.isfinite(zz.grad).all()
 
 
@@ -318,4 +334,23 @@ def test_non_contiguous_inputs(multilabel):
     yv = torch.stack([y, y], dim=-1)[..., 0]  # a strided view of y
     assert not zv.is_contiguous() and not yv.is_contiguous()
     for fn in (of.dwfuse_weights, of.dwfuse_loss):
-        torch.testing.assert_close(fn(zv, yv, backend="reference"), fn(z, y, backend="reference"))
+        torch.testing.assert_close(
+            fn(zv, yv, backend="reference", multilabel=multilabel),
+            fn(z, y, backend="reference", multilabel=multilabel),
+        )
+
+
+@pytest.mark.parametrize("offset", [1e4, -1e4])
+def test_fp32_large_logits_lose_no_precision(offset):
+    """Logits near +-1e4 in fp32: omega and the loss match the fp64 reference of the very same
+    fp32 values to ~1e-6 relative (two absolute logsumexps would lose ~5e-4)."""
+    g = torch.Generator().manual_seed(0)
+    z = offset + torch.randn(64, 3, 5, generator=g) * 3.0
+    z[:, :, 0] -= 2 * offset  # the other extreme in the same rows
+    y = torch.randint(0, 5, (64,), generator=g)
+    w32 = of.dwfuse_weights(z, y, backend="reference")
+    w64 = of.dwfuse_weights(z.double(), y, backend="reference")
+    torch.testing.assert_close(w32.double(), w64, rtol=5e-6, atol=1e-30)
+    l32 = of.dwfuse_loss(z, y, backend="reference")
+    l64 = of.dwfuse_loss(z.double(), y, backend="reference")
+    torch.testing.assert_close(l32.double(), l64, rtol=5e-6, atol=0.0)

@@ -208,3 +208,60 @@ def test_config_rejects_bad_values():
     base = TrainConfig(method="concat")
     assert not (base.use_dwfuse or base.use_tla or base.use_imp_forward or base.use_imp_backward)
     assert base.lambdas == (1.0, 1.0, 1.0)
+
+
+def test_result_reports_the_backend_that_ran_per_family(tmp_path):
+    """``backend`` is what was asked for; ``backends_train`` / ``backends_eval`` say, per op
+    family, what actually ran (auto on CPU: the C++ CRA only where no gradient is needed)."""
+    from omnifuse_fast import _dispatch
+
+    result = Trainer(_config(epochs=1), tmp_path, synthetic_splits()).fit()
+    assert result["backend"] == "reference"
+    assert result["backends_train"] == dict.fromkeys(("cra", "dwfuse", "tla"), "reference")
+    assert result["backends_eval"] == dict.fromkeys(("cra", "tla"), "reference")
+    stored = json.loads((tmp_path / "metrics.json").read_text())
+    assert stored["backends_train"] == result["backends_train"]
+
+    auto = Trainer(_config(epochs=1, backend="auto"), None, synthetic_splits()).fit()
+    cpu = torch.device("cpu")
+    with_grad = _dispatch.resolve("cra_forward", "auto", cpu, needs_grad=True).backend
+    without = _dispatch.resolve("cra_forward", "auto", cpu, needs_grad=False).backend
+    assert auto["backend"] == "auto"
+    assert auto["backends_train"]["cra"] == with_grad
+    assert auto["backends_eval"]["cra"] == without
+    if "cpu" in _dispatch.available_backends(cpu, "cra_forward"):
+        assert (with_grad, without) == ("reference", "cpu")  # the case the old report got wrong
+
+
+def test_compile_trains_like_eager_and_resumes_bit_exact(tmp_path, monkeypatch):
+    """``compile=True`` runs the same step through ``torch.compile`` (forward and losses, the
+    backward through AOT autograd). The backend here is ``aot_eager``: dynamo's trace and AOT
+    autograd, without inductor's C++ code generation (minutes on a small CPU)."""
+    compiled_fns = []
+    real_compile = torch.compile
+
+    def compile_(fn, **kw):
+        compiled_fns.append(fn)
+        return real_compile(fn, backend="aot_eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    data = synthetic_splits()
+    args = dict(epochs=2, batch_size=24)  # 24, 24, 16: the last partial batch recompiles
+    eager = Trainer(_config(**args), None, data)
+    eager.fit()
+    straight = Trainer(_config(compile=True, **args), None, data)
+    straight.fit()
+    assert len(compiled_fns) == 1 and counters["stats"]["unique_graphs"] >= 1
+    for a, b in zip(eager.history, straight.history, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+    for k, v in _params(eager).items():
+        torch.testing.assert_close(_params(straight)[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    Trainer(_config(compile=True, **{**args, "epochs": 1}), tmp_path, data).fit()
+    resumed = Trainer.resume(tmp_path, epochs=2, splits=data)
+    assert resumed.config.compile
+    resumed.fit()
+    for k, v in _params(straight).items():
+        assert torch.equal(_params(resumed)[k], v), k

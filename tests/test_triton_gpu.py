@@ -6,91 +6,40 @@ Run with ``pytest -m gpu`` on a machine with a GPU (skipped elsewhere). The inte
 
 from __future__ import annotations
 
+import functools
+
+import _harness
 import pytest
 import torch
-from conftest import assert_close, tol
+from _harness import DTYPES, assert_close, falls_back
+from _op_samples import on, triton_args, triton_samples
 
 import omnifuse_fast as of
-from omnifuse_fast import _dispatch
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
-
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DEV = "cuda"
+pytestmark = [pytest.mark.gpu, pytest.mark.backend("triton", device=DEV)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _triton_on_gpu():
-    reason = _dispatch.unavailable_reason("dwfuse_loss", "triton", torch.device(DEV))
-    if reason is not None:
-        pytest.skip(f"the triton backend cannot run on the GPU: {reason}")
+# the harness's helpers on this device and backend (tests/_harness.py)
+gen = functools.partial(_harness.gen, device=DEV)
+randn = functools.partial(_harness.randn, device=DEV)
+randint = functools.partial(_harness.randint, device=DEV)
+check = functools.partial(_harness.check, backend="triton")
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator(DEV).manual_seed(seed)
+# ------------------------------------------------------------------------------- opcheck
+
+_SAMPLES = triton_samples()
 
 
-def randn(*shape, seed=0, scale=1.0, dtype=torch.float32):
-    return (torch.randn(shape, generator=gen(seed), device=DEV) * scale).to(dtype)
-
-
-def randint(lo, hi, shape, seed=0):
-    return torch.randint(lo, hi, shape, generator=gen(seed), device=DEV)
-
-
-def flat(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for o in out for t in flat(o)]
-
-
-def run(op, args, diff, backend, **kw):
-    args = list(args)
-    leaves = []
-    for i in diff:
-        if isinstance(args[i], list):
-            args[i] = [t.detach().clone().requires_grad_() for t in args[i]]
-            leaves += args[i]
-        else:
-            args[i] = args[i].detach().clone().requires_grad_()
-            leaves.append(args[i])
-    outs = flat(getattr(of, op)(*args, backend=backend, **kw))
-    grads = []
-    if leaves:
-        loss = sum(
-            (o.float() * randn(*o.shape, seed=100 + j)).sum()
-            for j, o in enumerate(outs)
-            if o.is_floating_point() and o.requires_grad
-        )
-        grads = list(torch.autograd.grad(loss, leaves, allow_unused=True))
-    return [o.detach() for o in outs], grads
-
-
-def close_scaled(actual, expected, dtype):
-    """Long reductions (matmuls over F, sums over B, a K-deep cascade): the error is relative to
-    the tensor's scale, not to each element (an element that sums to ~0 keeps the others' error),
-    with the dtype's tolerances."""
-    t = tol(dtype)
-    err = (actual.float() - expected.float()).abs().max().item()
-    bound = t["rtol"] * expected.float().abs().max().item() + t["atol"]
-    assert err <= bound, f"max error {err} > {bound}"
-
-
-def check(op, args, diff=(), dtype=torch.float32, scaled=False, **kw):
-    want, want_g = run(op, args, diff, "reference", **kw)
-    got, got_g = run(op, args, diff, "triton", **kw)
-    compare = close_scaled if scaled else assert_close
-    for a, e in zip(got, want):
-        assert a.dtype == e.dtype and a.shape == e.shape
-        compare(a, e, dtype)
-    for a, e in zip(got_g, want_g):
-        if e is None:
-            assert a is None or not a.any()
-            continue
-        compare(a, e, dtype)
+@pytest.mark.parametrize(
+    "name,args", _SAMPLES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(_SAMPLES)]
+)
+def test_opcheck(name, args):
+    """torch.library.opcheck on the Triton ops with compiled kernels (the interpreter:
+    tests/test_opcheck.py)."""
+    op = getattr(torch.ops.omnifuse_fast_triton, name).default
+    torch.library.opcheck(op, on(DEV, triton_args(name, args)))
 
 
 # ------------------------------------------------------------------------------- DWFuse
@@ -111,8 +60,8 @@ def test_dwfuse_multiclass(ncls, dtype):
 def test_dwfuse_multilabel(ncls, dtype):
     z = randn(2048, 8, ncls, seed=3, scale=3.0, dtype=dtype)
     y = randint(0, 2, (2048, ncls), seed=4).to(dtype)
-    check("dwfuse_weights", [z, y, 0.5], diff=(0,), dtype=dtype)
-    check("dwfuse_loss", [z, y, 0.5, False], diff=(0,), dtype=dtype)
+    check("dwfuse_weights", [z, y, 0.5], diff=(0,), dtype=dtype, multilabel=True)
+    check("dwfuse_loss", [z, y, 0.5, False], diff=(0,), dtype=dtype, multilabel=True)
 
 
 # ---------------------------------------------------------------------------------- TLA
@@ -149,19 +98,9 @@ def test_tla_many_classes():
 # --------------------------------------------------------------------------------- mix
 
 
-@pytest.fixture(params=["deterministic", "atomic"])
-def scatter_mode(request):
-    from omnifuse_fast.triton import mix
-
-    before = mix.scatter_mode()
-    mix.set_scatter_mode(request.param)
-    yield request.param
-    mix.set_scatter_mode(before)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("weighted", [False, True])
-def test_modality_mix(weighted, dtype, scatter_mode):
+def test_modality_mix(weighted, dtype):
     bsz, nmod = 4096, 4
     v = randn(bsz, nmod, 256, seed=12, dtype=dtype)
     y = randint(0, 10, (bsz,), seed=13)
@@ -243,10 +182,7 @@ def test_cra_forward(feat, hidden, activation, dtype):
 
 def test_cra_forward_beyond_the_fused_width_falls_back():
     args = cra_inputs(64, 1500, 32, 2, torch.float32)
-    with pytest.warns(UserWarning, match="falls back to the reference"):
-        from omnifuse_fast.triton import _common
-
-        _common._warned.clear()
+    with falls_back("cra_forward", "triton", "1500"):
         out, _ = of.cra_forward(*args, backend="triton")
     assert_close(out, of.cra_forward(*args, backend="reference")[0])
 
@@ -275,5 +211,5 @@ def test_compile_fullgraph_inductor():
     got = torch.compile(step, fullgraph=True)(*comp)
     got_g = torch.autograd.grad(got, comp)
     assert_close(got, want)
-    for a, e in zip(got_g, want_g):
+    for a, e in zip(got_g, want_g, strict=True):
         assert_close(a, e)

@@ -12,6 +12,10 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "common.cuh"
+
 namespace omnifuse_fast {
 namespace cuda_binding {
 
@@ -88,6 +92,51 @@ bool dispatch_fused(at::ScalarType dtype, const Fn& fn) {
       return false;
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Device value checks: the slots of common.cuh, the messages of omnifuse_fast/_device_checks.py
+// (MESSAGES; tests/test_device_checks.py compares the two).
+inline const char* flag_message(int slot) {
+  switch (slot) {
+    case gpu::kFlagLabels:
+      return "labels must be class indices in [0, C)";
+    case gpu::kFlagComb:
+      return "comb must be combination ids in [1, 2**M)";
+    case gpu::kFlagSrc:
+      return "src must be source indices in [0, B)";
+    case gpu::kFlagMultilabel:
+      return "labels (multilabel) must hold only 0 and 1";
+    case gpu::kFlagLogits:
+      return "logits must be finite (no NaN or inf)";
+    case gpu::kFlagSoftLabels:
+      return "soft_labels must be finite (no NaN or inf)";
+    case gpu::kFlagPresent:
+      return "present has a sample with no present modality";
+    default:
+      return "weights must be on the simplex: >= 0 and summing to 1 over M";
+  }
+}
+
+// The flag tensor of one op call. The kernels store 0 in the slot of a bad index; raise_if()
+// queues at::_assert_async on a slot: a device-side assert, no host synchronization. The error
+// surfaces at the next synchronizing point (the schemas stay unchanged: the CPU kernels share
+// them, and the assert needs no output of its own).
+class DeviceFlags {
+ public:
+  explicit DeviceFlags(const Tensor& like)
+      : flags_(at::ones({gpu::kNumFlagSlots}, like.options().dtype(at::kInt))) {}
+
+  int* ptr() { return flags_.mutable_data_ptr<int>(); }
+
+  void raise_if(const char* op, int slot) const {
+    at::_assert_async(flags_.select(0, slot), std::string("omnifuse_fast.") + op + ": " +
+                                                  flag_message(slot) +
+                                                  " (value check on the device)");
+  }
+
+ private:
+  Tensor flags_;
+};
 
 #define OMNIFUSE_DISPATCH_FLOATING(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)

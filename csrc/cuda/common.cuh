@@ -107,6 +107,45 @@ inline int next_pow2(int v) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Device value checks (omnifuse_fast/_device_checks.py has the same slots): the bindings pass
+// an int32 flag tensor, all 1; a kernel that meets a bad index never dereferences it and stores
+// 0 in the index's slot (every writer stores the same 0: races are harmless). The binding then
+// asserts each slot with at::_assert_async: no host synchronization.
+enum FlagSlot : int {
+  kFlagLabels = 0,      // labels outside [0, C)
+  kFlagComb = 1,        // comb outside [1, 2^M)
+  kFlagSrc = 2,         // src outside [0, B)
+  kFlagMultilabel = 3,  // multilabel labels other than 0 and 1
+  kFlagLogits = 4,      // NaN or inf logits
+  kFlagSoftLabels = 5,  // NaN or inf soft labels
+  kFlagPresent = 6,     // a sample with no present modality
+  kFlagWeights = 7,     // mixing weights off the simplex
+  kNumFlagSlots = 8,
+};
+
+// |sum_m w[b, m] - 1| above this is off the simplex (_device_checks.SIMPLEX_TOL).
+constexpr float kSimplexTol = 1e-3f + 1e-5f;
+
+// flags may be nullptr (a backward pass: the forward already checked the same indices).
+__device__ __forceinline__ void flag_bad(int* flags, int slot) {
+  if (flags != nullptr) flags[slot] = 0;
+}
+
+// An int64 label read as a class id: -1 (matches no class, never dereferenced) when outside
+// [0, C), reported in flags.
+__device__ __forceinline__ int checked_label(int64_t y, int C, int* flags) {
+  if (y >= 0 && y < C) return static_cast<int>(y);
+  flag_bad(flags, kFlagLabels);
+  return -1;
+}
+
+// Reports a NaN or +-inf value in `slot` (one compare per element: free next to the load).
+template <typename A>
+__device__ __forceinline__ void check_finite(A x, int* flags, int slot) {
+  if (flags != nullptr && !(fabs(x) < static_cast<A>(INFINITY))) flags[slot] = 0;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Math in the accumulation type.
 __device__ __forceinline__ float exp_(float x) { return expf(x); }
 __device__ __forceinline__ double exp_(double x) { return exp(x); }
@@ -183,6 +222,8 @@ __device__ __forceinline__ ExpSum<A> group_merge(ExpSum<A> v, int width) {
 //   d    = z_y - lseo,  CE = lse - z_y = softplus(-d),  log(1 - p_y) = -softplus(d)
 //   p_y  = sigmoid(d),  p_c = exp(z_c - lseo) * (1 - p_y) for c != y.
 // With kSumSq, sq = sum_{c != y} exp(z_c - mo)^2 (for the squared distance of TLA).
+// A y outside [0, C) (a bad label, already reported) is never read: z_y is then 0.
+// flags (or nullptr): where a NaN or inf logit of the row is reported (kFlagLogits).
 template <typename A>
 struct ClassRow {
   A lseo;  // logsumexp over c != y
@@ -192,7 +233,7 @@ struct ClassRow {
 
 template <typename T, int VEC, bool kSumSq, typename A = acc_type<T>>
 __device__ __forceinline__ ClassRow<A> class_row(const T* z, int C, int y, int j, int width,
-                                                 bool valid) {
+                                                 bool valid, int* flags) {
   A mo = neg_inf<A>(), so = A(0), sq = A(0);
   if (valid) {
     for (int c0 = j * VEC; c0 < C; c0 += width * VEC) {
@@ -200,8 +241,10 @@ __device__ __forceinline__ ClassRow<A> class_row(const T* z, int C, int y, int j
       load_vec<T, VEC>(z + c0, x);
       A cm = neg_inf<A>();
 #pragma unroll
-      for (int i = 0; i < VEC; ++i)
+      for (int i = 0; i < VEC; ++i) {
+        check_finite(x[i], flags, kFlagLogits);
         if (c0 + i != y) cm = fmax(cm, x[i]);
+      }
       if (cm > mo) {  // rescale once per vector, not per element
         const A r = exp_(mo - cm);
         so *= r;
@@ -234,7 +277,7 @@ __device__ __forceinline__ ClassRow<A> class_row(const T* z, int C, int y, int j
     mo = m;
   }
   ClassRow<A> r;
-  r.zy = valid ? to_acc<A>(z[y]) : A(0);
+  r.zy = (valid && y >= 0 && y < C) ? to_acc<A>(z[y]) : A(0);
   r.lseo = valid ? mo + log_(so) : A(0);
   r.sq = (valid && kSumSq) ? sq / (so * so) : A(0);
   return r;

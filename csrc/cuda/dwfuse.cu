@@ -37,8 +37,14 @@ Inputs prepare(const Tensor& logits, const Tensor& labels, const char* op) {
   return in;
 }
 
+// The flag slot the labels are checked in: class ids, or 0/1 multilabel targets.
+int label_slot(const Inputs& in) {
+  return in.multilabel ? gpu::kFlagMultilabel : gpu::kFlagLabels;
+}
+
 template <typename scalar_t>
-gk::Args<cuda_t<scalar_t>> args(const Inputs& in, double beta, bool detach) {
+gk::Args<cuda_t<scalar_t>> args(const Inputs& in, double beta, bool detach,
+                                int* flags = nullptr) {
   gk::Args<cuda_t<scalar_t>> a{};
   a.logits = in_ptr<scalar_t>(in.logits);
   a.labels_mc = in.multilabel ? nullptr : in.labels.const_data_ptr<int64_t>();
@@ -48,6 +54,7 @@ gk::Args<cuda_t<scalar_t>> args(const Inputs& in, double beta, bool detach) {
   a.C = static_cast<int>(in.logits.size(2));
   a.beta = beta;
   a.detach = detach;
+  a.flags = flags;
   return a;
 }
 
@@ -57,11 +64,14 @@ Tensor dwfuse_weights_cuda(const Tensor& logits, const Tensor& labels, double be
   Tensor out = in.multilabel
                    ? at::empty_like(in.logits)
                    : at::empty({in.logits.size(0), in.logits.size(1)}, in.logits.options());
+  DeviceFlags flags(in.logits);
   OMNIFUSE_DISPATCH_FLOATING(in.logits.scalar_type(), "dwfuse_weights", [&] {
-    check_launch(gk::weights_forward(args<scalar_t>(in, beta, true), out_ptr<scalar_t>(out),
-                                     at::cuda::getCurrentCUDAStream()),
+    check_launch(gk::weights_forward(args<scalar_t>(in, beta, true, flags.ptr()),
+                                     out_ptr<scalar_t>(out), at::cuda::getCurrentCUDAStream()),
                  "dwfuse_weights");
   });
+  flags.raise_if("dwfuse_weights", label_slot(in));
+  flags.raise_if("dwfuse_weights", gpu::kFlagLogits);
   return out;
 }
 
@@ -88,9 +98,10 @@ Tensor dwfuse_loss_cuda(const Tensor& logits, const Tensor& labels, double beta,
   const Inputs in = prepare(logits, labels, "dwfuse_loss");
   const c10::cuda::CUDAGuard guard(logits.device());
   Tensor out = at::empty({}, in.logits.options());
+  DeviceFlags flags(in.logits);
   OMNIFUSE_DISPATCH_FLOATING(in.logits.scalar_type(), "dwfuse_loss", [&] {
     using A = gpu::acc_type<cuda_t<scalar_t>>;
-    const auto a = args<scalar_t>(in, beta, detach_weight);
+    const auto a = args<scalar_t>(in, beta, detach_weight, flags.ptr());
     const int64_t np = gk::loss_num_partials(a);
     Tensor partials =
         at::empty({np > 0 ? np : 1}, in.logits.options().dtype(acc_dtype(in.logits.scalar_type())));
@@ -98,6 +109,8 @@ Tensor dwfuse_loss_cuda(const Tensor& logits, const Tensor& labels, double beta,
                                   at::cuda::getCurrentCUDAStream()),
                  "dwfuse_loss");
   });
+  flags.raise_if("dwfuse_loss", label_slot(in));
+  flags.raise_if("dwfuse_loss", gpu::kFlagLogits);
   return out;
 }
 

@@ -34,7 +34,9 @@ constexpr int kMultilabelVec = 2;
 enum Mode : int { kWeights = 0, kLoss = 1, kWeightsBackward = 2, kLossBackward = 3 };
 
 // Inputs shared by every DWFuse launcher. Exactly one of labels_mc (int64 [B]) and labels_ml
-// ([B, C] in the logits' dtype, 0/1) is set. logits is contiguous [B, M, C].
+// ([B, C] in the logits' dtype, 0/1) is set. logits is contiguous [B, M, C]. flags (common.cuh,
+// or nullptr): where the forward passes report labels outside [0, C) (multiclass) or other
+// than 0/1 (multilabel), and NaN/inf logits; a bad class id is never dereferenced, in any pass.
 template <typename T>
 struct Args {
   const T* logits;
@@ -45,6 +47,7 @@ struct Args {
   int C;
   double beta;
   bool detach;
+  int* flags;
 };
 
 // ------------------------------------------------------------------------- multiclass kernel
@@ -53,7 +56,7 @@ __global__ void __launch_bounds__(kThreads)
     multiclass_kernel(const T* __restrict__ z, const int64_t* __restrict__ labels, int64_t B, int M,
                       int Mp, int G, int C, A coef, bool detach, const T* __restrict__ grad_w,
                       const A* __restrict__ grad, A inv_b, T* __restrict__ out,
-                      A* __restrict__ partials) {
+                      A* __restrict__ partials, int* __restrict__ flags) {
   __shared__ A scratch[kWarp];
   const int lane = threadIdx.x % kWarp;
   const int lanes_per_sample = Mp * G;
@@ -72,9 +75,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t base = warp * spw; base < B; base += nwarps * spw) {  // uniform per warp
     const int64_t b = base + slot;
     const bool valid = b < B && m < M;
-    const int y = valid ? static_cast<int>(labels[b]) : 0;
+    const int y = valid ? checked_label(labels[b], C, flags) : 0;  // -1 when bad
     const T* row = z + (b * M + m) * static_cast<int64_t>(C);
-    const ClassRow<A> r = class_row<T, VEC, false>(row, C, y, j, G, valid);
+    const ClassRow<A> r = class_row<T, VEC, false>(row, C, y, j, G, valid, flags);
     const A d = r.zy - r.lseo;  // logit of p_y: p_y = sigmoid(d)
     const A ce = valid ? softplus(-d) : A(0);
     const A lc = valid ? -softplus(d) : A(0);  // log(1 - p_y), exact
@@ -146,7 +149,7 @@ __global__ void __launch_bounds__(kThreads)
     multilabel_kernel(const T* __restrict__ z, const T* __restrict__ labels, int64_t B, int M,
                       int C, A coef, bool detach, const T* __restrict__ grad_w,
                       const A* __restrict__ grad, A inv_bc, T* __restrict__ out,
-                      A* __restrict__ partials) {
+                      A* __restrict__ partials, int* __restrict__ flags) {
   __shared__ A scratch[kWarp];
   const int64_t chunks_per_row = C / VEC;
   const int64_t total = B * chunks_per_row;
@@ -160,7 +163,10 @@ __global__ void __launch_bounds__(kThreads)
     A sg[VEC];  // 2y - 1: +1 where the label is 1, -1 where it is 0
     load_vec<T, VEC>(labels + b * C + l0, sg);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) sg[i] = A(2) * sg[i] - A(1);
+    for (int i = 0; i < VEC; ++i) {
+      if (sg[i] != A(0) && sg[i] != A(1)) flag_bad(flags, kFlagMultilabel);
+      sg[i] = A(2) * sg[i] - A(1);
+    }
 
     A u[kMaxM][VEC], lc[kMaxM][VEC], omega[kMaxM][VEC];
 #pragma unroll
@@ -169,6 +175,7 @@ __global__ void __launch_bounds__(kThreads)
         load_vec<T, VEC>(z + (b * M + m) * C + l0, u[m]);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
+          check_finite(u[m][i], flags, kFlagLogits);
           u[m][i] *= sg[i];               // u > 0 when the prediction leans to the true value
           lc[m][i] = -softplus(u[m][i]);  // log(1 - p) = log sigmoid(-u)
         }
@@ -305,25 +312,29 @@ inline cudaError_t launch(const Args<T>& a, const T* grad_w, const acc_type<T>* 
   if (a.B == 0) return cudaSuccess;
   const Plan p = plan(a, kMode == kLoss ? nullptr : out, grad_w);
   const A coef = static_cast<A>(a.beta / static_cast<double>(a.M - 1));
+  // only the forward passes report (the backward reads the same labels again)
+  int* flags = (kMode == kWeights || kMode == kLoss) ? a.flags : nullptr;
   if (a.labels_ml != nullptr) {
     const A inv = static_cast<A>(1.0 / (static_cast<double>(a.B) * a.C));
     if (p.vec == kMultilabelVec)
       multilabel_kernel<T, kMultilabelVec, kMode, A><<<p.grid, kThreads, 0, stream>>>(
-          a.logits, a.labels_ml, a.B, a.M, a.C, coef, a.detach, grad_w, grad, inv, out, partials);
+          a.logits, a.labels_ml, a.B, a.M, a.C, coef, a.detach, grad_w, grad, inv, out, partials,
+          flags);
     else
       multilabel_kernel<T, 1, kMode, A><<<p.grid, kThreads, 0, stream>>>(
-          a.logits, a.labels_ml, a.B, a.M, a.C, coef, a.detach, grad_w, grad, inv, out, partials);
+          a.logits, a.labels_ml, a.B, a.M, a.C, coef, a.detach, grad_w, grad, inv, out, partials,
+          flags);
   } else {
     const A inv = static_cast<A>(1.0 / static_cast<double>(a.B));
     constexpr int V = vec16<T>();
     if (p.vec == V)
       multiclass_kernel<T, V, kMode, A>
           <<<p.grid, kThreads, 0, stream>>>(a.logits, a.labels_mc, a.B, a.M, p.mp, p.g, a.C, coef,
-                                            a.detach, grad_w, grad, inv, out, partials);
+                                            a.detach, grad_w, grad, inv, out, partials, flags);
     else
       multiclass_kernel<T, 1, kMode, A>
           <<<p.grid, kThreads, 0, stream>>>(a.logits, a.labels_mc, a.B, a.M, p.mp, p.g, a.C, coef,
-                                            a.detach, grad_w, grad, inv, out, partials);
+                                            a.detach, grad_w, grad, inv, out, partials, flags);
   }
   return cudaGetLastError();
 }

@@ -17,8 +17,10 @@ std::tuple<Tensor, Tensor> modality_mix_cuda(const Tensor& v_in, const Tensor& l
   check_cuda(labels_in, op, "labels");
   check_cuda(src_in, op, "src");
   check_dtype(labels_in, at::kLong, op, "labels");
+  // src.size(1) == B too: the kernels bound src's values by B, the rows of v and labels
   TORCH_CHECK(v_in.dim() == 3 && src_in.dim() == 2 && src_in.size(0) == v_in.size(1) &&
-                  labels_in.dim() == 1 && labels_in.size(0) == v_in.size(0),
+                  src_in.size(1) == v_in.size(0) && labels_in.dim() == 1 &&
+                  labels_in.size(0) == v_in.size(0),
               "omnifuse_fast::modality_mix (CUDA): expected v [B, M, D], labels [B], src [M, B]");
   TORCH_CHECK(v_in.size(1) <= gk::kMaxM && num_classes < (int64_t{1} << 31),
               "omnifuse_fast::modality_mix (CUDA): M must be <= 8 and C fit in 32 bits");
@@ -33,15 +35,19 @@ std::tuple<Tensor, Tensor> modality_mix_cuda(const Tensor& v_in, const Tensor& l
   }
   Tensor v_mix = at::empty({B, M, D}, v.options());
   Tensor soft = at::empty({B, num_classes}, v.options());
+  DeviceFlags flags(v);
   OMNIFUSE_DISPATCH_FLOATING(v.scalar_type(), "modality_mix", [&] {
     check_launch(gk::mix_forward(in_ptr<scalar_t>(v), labels.const_data_ptr<int64_t>(),
                                  src.const_data_ptr<int64_t>(),
                                  weights.defined() ? weights.const_data_ptr<float>() : nullptr, B,
                                  static_cast<int>(M), D, static_cast<int>(num_classes),
-                                 out_ptr<scalar_t>(v_mix), out_ptr<scalar_t>(soft),
+                                 out_ptr<scalar_t>(v_mix), out_ptr<scalar_t>(soft), flags.ptr(),
                                  at::cuda::getCurrentCUDAStream()),
                  op);
   });
+  flags.raise_if(op, gpu::kFlagSrc);
+  flags.raise_if(op, gpu::kFlagLabels);
+  if (weights.defined()) flags.raise_if(op, gpu::kFlagWeights);
   return {v_mix, soft};
 }
 
@@ -97,6 +103,7 @@ Tensor soft_cross_entropy_cuda(const Tensor& logits_in, const Tensor& soft_in) {
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const Tensor z = logits_in.contiguous(), q = soft_in.contiguous();
   Tensor out = at::empty({}, z.options());
+  DeviceFlags flags(z);
   OMNIFUSE_DISPATCH_FLOATING(z.scalar_type(), "soft_cross_entropy", [&] {
     using A = gpu::acc_type<cuda_t<scalar_t>>;
     const int64_t B = z.size(0);
@@ -106,9 +113,11 @@ Tensor soft_cross_entropy_cuda(const Tensor& logits_in, const Tensor& soft_in) {
     Tensor partials = at::empty({np}, z.options().dtype(acc_dtype(z.scalar_type())));
     check_launch(gk::soft_ce_forward(in_ptr<scalar_t>(z), in_ptr<scalar_t>(q), B, C,
                                      partials.mutable_data_ptr<A>(), out_ptr<scalar_t>(out),
-                                     at::cuda::getCurrentCUDAStream()),
+                                     flags.ptr(), at::cuda::getCurrentCUDAStream()),
                  op);
   });
+  flags.raise_if(op, gpu::kFlagLogits);
+  flags.raise_if(op, gpu::kFlagSoftLabels);
   return out;
 }
 

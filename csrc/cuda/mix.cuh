@@ -13,6 +13,9 @@
 // Soft CE: per sample (G lanes, several samples per warp for small C), one pass keeps the online
 // (max, sum exp) and sum_c q_c (max - z_c), all terms >= 0, so -sum_c q_c log_softmax(z)_c is
 // formed without cancellation; the backward writes both d/dz = s (p Q - q) and d/dq = s (lse - z).
+// Value checks (common.cuh): the forward reports a src outside [0, B) (its row is never read:
+// zeros instead) and a label outside [0, C) (labels are only compared with class ids); the
+// backward maps a bad src to source 0, so no key or segment is addressed out of range.
 #pragma once
 
 #include <cub/cub.cuh>
@@ -27,10 +30,19 @@ constexpr int kThreads = 256;
 constexpr int kMaxM = 8;
 
 // --------------------------------------------------------------------- gather
+// Stores VEC zeros of T at p (aligned like the gather's stores).
+template <typename T, int VEC>
+__device__ __forceinline__ void store_zeros(T* p) {
+  acc_type<T> zeros[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) zeros[i] = acc_type<T>(0);
+  store_vec<T, VEC>(p, zeros);
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     gather_kernel(const T* __restrict__ v, const int64_t* __restrict__ src, int64_t B, int M,
-                  int64_t D, T* __restrict__ out) {
+                  int64_t D, T* __restrict__ out, int* __restrict__ flags) {
   const int64_t per_row = D / VEC;
   const int64_t total = B * M * per_row;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -40,7 +52,10 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t b = row / M;
     const int m = static_cast<int>(row % M);
     const int64_t s = src[m * B + b];
-    if constexpr (VEC == 1) {
+    if (s < 0 || s >= B) {  // reported, and never read: the row is zeros
+      flag_bad(flags, kFlagSrc);
+      store_zeros<T, VEC>(out + row * D + d);
+    } else if constexpr (VEC == 1) {
       out[row * D + d] = v[(s * M + m) * D + d];
     } else {
       *reinterpret_cast<Vec<T, VEC>*>(out + row * D + d) =
@@ -55,7 +70,7 @@ template <typename T, typename A = acc_type<T>>
 __global__ void __launch_bounds__(kThreads)
     soft_labels_kernel(const int64_t* __restrict__ labels, const int64_t* __restrict__ src,
                        const float* __restrict__ weights, int64_t B, int M, int C,
-                       T* __restrict__ out) {
+                       T* __restrict__ out, int* __restrict__ flags) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
@@ -63,8 +78,17 @@ __global__ void __launch_bounds__(kThreads)
     int64_t lab = -1;
     A w = A(0);
     if (lane < M) {
-      lab = labels[src[lane * B + b]];
+      const int64_t s = src[lane * B + b];
+      if (s >= 0 && s < B) {
+        lab = labels[s];  // only compared with class ids below: reported, never an address
+        if (lab < 0 || lab >= C) flag_bad(flags, kFlagLabels);
+      } else {
+        flag_bad(flags, kFlagSrc);
+      }
       w = weights != nullptr ? static_cast<A>(weights[b * M + lane]) : A(1) / static_cast<A>(M);
+    } else if (lane == M) {  // every label is checked, also the ones no source points at
+      const int64_t own = labels[b];
+      if (own < 0 || own >= C) flag_bad(flags, kFlagLabels);
     }
     int64_t labs[kMaxM];
     A ws[kMaxM];
@@ -76,6 +100,18 @@ __global__ void __launch_bounds__(kThreads)
         ws[m] = __shfl_sync(kFullMask, w, m);
         same = same && labs[m] == labs[0];
       }
+    }
+    if (weights != nullptr && lane == 0) {  // on the simplex? (only read: reported)
+      A sum = A(0);
+      bool neg = false;
+#pragma unroll
+      for (int m = 0; m < kMaxM; ++m) {
+        if (m < M) {
+          sum += ws[m];
+          neg = neg || !(ws[m] >= A(0));  // "not >= 0": NaN is reported too
+        }
+      }
+      if (neg || !(fabs(sum - A(1)) <= static_cast<A>(kSimplexTol))) flag_bad(flags, kFlagWeights);
     }
     T* row = out + b * static_cast<int64_t>(C);
     for (int c = lane; c < C; c += kWarp) {
@@ -92,10 +128,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// v: [B, M, D] contiguous; labels int64 [B]; src int64 [M, B]; weights fp32 [B, M] or nullptr.
+// v: [B, M, D] contiguous; labels int64 [B]; src int64 [M, B]; weights fp32 [B, M] or nullptr;
+// flags: common.cuh's flag tensor (src and labels are checked).
 template <typename T>
 cudaError_t mix_forward(const T* v, const int64_t* labels, const int64_t* src, const float* weights,
-                        int64_t B, int M, int64_t D, int C, T* v_mix, T* soft_labels,
+                        int64_t B, int M, int64_t D, int C, T* v_mix, T* soft_labels, int* flags,
                         cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   constexpr int V = vec16<T>();
@@ -104,15 +141,15 @@ cudaError_t mix_forward(const T* v, const int64_t* labels, const int64_t* src, c
     const int64_t n = B * M * (vec_ok ? D / V : D);
     if (vec_ok)
       gather_kernel<T, V>
-          <<<grid_for(n, kThreads, 4096), kThreads, 0, stream>>>(v, src, B, M, D, v_mix);
+          <<<grid_for(n, kThreads, 4096), kThreads, 0, stream>>>(v, src, B, M, D, v_mix, flags);
     else
       gather_kernel<T, 1>
-          <<<grid_for(n, kThreads, 4096), kThreads, 0, stream>>>(v, src, B, M, D, v_mix);
+          <<<grid_for(n, kThreads, 4096), kThreads, 0, stream>>>(v, src, B, M, D, v_mix, flags);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   soft_labels_kernel<T><<<grid_for(B, kThreads / kWarp), kThreads, 0, stream>>>(
-      labels, src, weights, B, M, C, soft_labels);
+      labels, src, weights, B, M, C, soft_labels, flags);
   return cudaGetLastError();
 }
 
@@ -124,7 +161,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t m = i / B;  // src is [M, B]: i = m * B + b, so keys come in (m, b) order
-    keys[i] = static_cast<uint32_t>(m * batch + src[i]);
+    const int64_t s = src[i];
+    // a bad source (reported by the forward) counts as source 0: every key stays < M * batch
+    keys[i] = static_cast<uint32_t>(m * batch + (s >= 0 && s < batch ? s : 0));
     vals[i] = static_cast<uint32_t>(i - m * B);
   }
 }
@@ -298,13 +337,18 @@ __device__ __forceinline__ SoftState<A> soft_merge(SoftState<A> a, SoftState<A> 
 
 template <typename T, int VEC, typename A>
 __device__ __forceinline__ SoftState<A> soft_row(const T* z, const T* q, int C, int j, int width,
-                                                 bool valid) {
+                                                 bool valid, int* flags) {
   SoftState<A> st{neg_inf<A>(), A(0), A(0), A(0)};
   if (valid) {
     for (int c0 = j * VEC; c0 < C; c0 += width * VEC) {
       A x[VEC], w[VEC];
       load_vec<T, VEC>(z + c0, x);
       load_vec<T, VEC>(q + c0, w);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        check_finite(x[i], flags, kFlagLogits);
+        check_finite(w[i], flags, kFlagSoftLabels);
+      }
       A cm = x[0];
 #pragma unroll
       for (int i = 1; i < VEC; ++i) cm = fmax(cm, x[i]);
@@ -335,7 +379,7 @@ template <typename T, int VEC, bool kBackward, typename A = acc_type<T>>
 __global__ void __launch_bounds__(kThreads)
     soft_ce_kernel(const T* __restrict__ z, const T* __restrict__ q, int64_t B, int C, int G,
                    const A* __restrict__ grad, A inv_b, A* __restrict__ partials,
-                   T* __restrict__ grad_z, T* __restrict__ grad_q) {
+                   T* __restrict__ grad_z, T* __restrict__ grad_q, int* __restrict__ flags) {
   __shared__ A scratch[kWarp];
   const int lane = threadIdx.x % kWarp;
   const int spw = kWarp / G;
@@ -349,7 +393,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t b = base + slot;
     const bool valid = b < B;
     const int64_t off = b * static_cast<int64_t>(C);
-    const SoftState<A> st = soft_row<T, VEC, A>(z + off, q + off, C, j, G, valid);
+    const SoftState<A> st = soft_row<T, VEC, A>(z + off, q + off, C, j, G, valid, flags);
     const A lse_shift = valid ? log_(st.se) : A(0);  // lse - max
     if (!kBackward) {
       if (valid && j == 0) local += st.p + st.q * lse_shift;
@@ -397,10 +441,11 @@ inline int64_t soft_ce_num_partials(const T* z, const T* q, int64_t B, int C) {
   return soft_layout<T>(z, q, B, C, nullptr, nullptr).grid;
 }
 
-// mean_b -sum_c q log_softmax(z) (an empty batch gives 0); partials: soft_ce_num_partials.
+// mean_b -sum_c q log_softmax(z) (an empty batch gives 0); partials: soft_ce_num_partials;
+// flags: common.cuh's flag tensor (NaN/inf logits and soft labels are reported).
 template <typename T>
 cudaError_t soft_ce_forward(const T* z, const T* q, int64_t B, int C, acc_type<T>* partials,
-                            T* loss, cudaStream_t stream) {
+                            T* loss, int* flags, cudaStream_t stream) {
   using A = acc_type<T>;
   int64_t n = 0;
   if (B > 0) {
@@ -408,10 +453,10 @@ cudaError_t soft_ce_forward(const T* z, const T* q, int64_t B, int C, acc_type<T
     constexpr int V = vec16<T>();
     if (l.vec == V)
       soft_ce_kernel<T, V, false, A><<<l.grid, kThreads, 0, stream>>>(
-          z, q, B, C, l.g, nullptr, A(0), partials, nullptr, nullptr);
+          z, q, B, C, l.g, nullptr, A(0), partials, nullptr, nullptr, flags);
     else
       soft_ce_kernel<T, 1, false, A><<<l.grid, kThreads, 0, stream>>>(
-          z, q, B, C, l.g, nullptr, A(0), partials, nullptr, nullptr);
+          z, q, B, C, l.g, nullptr, A(0), partials, nullptr, nullptr, flags);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     n = l.grid;
@@ -432,10 +477,12 @@ cudaError_t soft_ce_backward(const acc_type<T>* grad, const T* z, const T* q, in
   constexpr int V = vec16<T>();
   if (l.vec == V)
     soft_ce_kernel<T, V, true, A>
-        <<<l.grid, kThreads, 0, stream>>>(z, q, B, C, l.g, grad, inv, nullptr, grad_z, grad_q);
+        <<<l.grid, kThreads, 0, stream>>>(z, q, B, C, l.g, grad, inv, nullptr, grad_z, grad_q,
+                                          nullptr);
   else
     soft_ce_kernel<T, 1, true, A>
-        <<<l.grid, kThreads, 0, stream>>>(z, q, B, C, l.g, grad, inv, nullptr, grad_z, grad_q);
+        <<<l.grid, kThreads, 0, stream>>>(z, q, B, C, l.g, grad, inv, nullptr, grad_z, grad_q,
+                                          nullptr);
   return cudaGetLastError();
 }
 
@@ -446,11 +493,11 @@ cudaError_t soft_ce_backward(const acc_type<T>* grad, const T* z, const T* q, in
 #define OMNIFUSE_GPU_INSTANTIATE_MIX(T)                                                           \
   template cudaError_t omnifuse_fast::gpu::mix::mix_forward<T>(                                   \
       const T*, const int64_t*, const int64_t*, const float*, int64_t, int, int64_t, int, T*, T*, \
-      cudaStream_t);                                                                              \
+      int*, cudaStream_t);                                                                        \
   template cudaError_t omnifuse_fast::gpu::mix::mix_backward<T>(                                  \
       const T*, const int64_t*, int64_t, int, int64_t, int64_t, void*, size_t, T*, cudaStream_t); \
   template cudaError_t omnifuse_fast::gpu::mix::soft_ce_forward<T>(                               \
-      const T*, const T*, int64_t, int, omnifuse_fast::gpu::acc_type<T>*, T*, cudaStream_t);      \
+      const T*, const T*, int64_t, int, omnifuse_fast::gpu::acc_type<T>*, T*, int*, cudaStream_t); \
   template cudaError_t omnifuse_fast::gpu::mix::soft_ce_backward<T>(                              \
       const omnifuse_fast::gpu::acc_type<T>*, const T*, const T*, int64_t, int, T*, T*,           \
       cudaStream_t);

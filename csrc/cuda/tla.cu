@@ -16,11 +16,14 @@ Tensor combination_ids_cuda(const Tensor& present_in) {
   const c10::cuda::CUDAGuard guard(present_in.device());
   const Tensor present = present_in.contiguous();
   Tensor comb = at::empty({present.size(0)}, present.options().dtype(at::kLong));
+  DeviceFlags flags(comb);
   check_launch(
       gk::combination_ids(reinterpret_cast<const uint8_t*>(present.const_data_ptr<bool>()),
                           present.size(0), static_cast<int>(present.size(1)),
-                          comb.mutable_data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream()),
+                          comb.mutable_data_ptr<int64_t>(), flags.ptr(),
+                          at::cuda::getCurrentCUDAStream()),
       "combination_ids");
+  flags.raise_if("combination_ids", gpu::kFlagPresent);
   return comb;
 }
 
@@ -59,6 +62,7 @@ std::tuple<Tensor, Tensor> tla_stats_cuda(const Tensor& logits, const Tensor& la
   Tensor sums = at::zeros({bins}, in.logits.options().dtype(at::kFloat));
   Tensor counts = at::zeros({bins}, in.logits.options().dtype(at::kLong));
   const int kind = distance_kind(distance);
+  DeviceFlags flags(in.logits);
   OMNIFUSE_DISPATCH_FLOATING(in.logits.scalar_type(), "tla_stats", [&] {
     check_launch(
         gk::stats(in_ptr<scalar_t>(in.logits), in.labels.const_data_ptr<int64_t>(),
@@ -66,9 +70,12 @@ std::tuple<Tensor, Tensor> tla_stats_cuda(const Tensor& logits, const Tensor& la
                   static_cast<int>(in.logits.size(1)), static_cast<int>(num_modalities), kind,
                   sums.mutable_data_ptr<float>(),
                   reinterpret_cast<unsigned long long*>(counts.mutable_data_ptr<int64_t>()),
-                  at::cuda::getCurrentCUDAStream()),
+                  flags.ptr(), at::cuda::getCurrentCUDAStream()),
         "tla_stats");
   });
+  flags.raise_if("tla_stats", gpu::kFlagLabels);
+  flags.raise_if("tla_stats", gpu::kFlagComb);
+  flags.raise_if("tla_stats", gpu::kFlagLogits);
   return {sums, counts};
 }
 
@@ -76,6 +83,7 @@ Tensor tla_loss_cuda(const Tensor& logits, const Tensor& labels, const Tensor& c
   const Inputs in = prepare(logits, labels, comb, "tla_loss");
   const c10::cuda::CUDAGuard guard(logits.device());
   Tensor out = at::empty({}, in.logits.options());
+  DeviceFlags flags(in.logits);
   OMNIFUSE_DISPATCH_FLOATING(in.logits.scalar_type(), "tla_loss", [&] {
     using T = cuda_t<scalar_t>;
     using A = gpu::acc_type<T>;
@@ -88,9 +96,12 @@ Tensor tla_loss_cuda(const Tensor& logits, const Tensor& labels, const Tensor& c
     check_launch(
         gk::loss_forward(z, in.labels.const_data_ptr<int64_t>(), in.comb.const_data_ptr<int64_t>(),
                          B, C, lazy, partials.mutable_data_ptr<A>(), out_ptr<scalar_t>(out),
-                         at::cuda::getCurrentCUDAStream()),
+                         flags.ptr(), at::cuda::getCurrentCUDAStream()),
         "tla_loss");
   });
+  flags.raise_if("tla_loss", gpu::kFlagLabels);
+  flags.raise_if("tla_loss", gpu::kFlagComb);
+  flags.raise_if("tla_loss", gpu::kFlagLogits);
   return out;
 }
 

@@ -16,6 +16,10 @@
 // Loss: per-block partial (sum of CE over the mask, mask count), reduced by one block in a fixed
 // order: loss = sum / max(count, 1), a real 0 when the mask is empty. Backward counts the mask
 // the same way, and every block reads the same total.
+// Value checks (common.cuh): a label outside [0, C) or a comb outside [1, 2^M) (the stats' bins;
+// [1, 256) for the loss, which does not know M) is reported in flags and its sample left out:
+// no logit row, shared bin or global bin is ever addressed with it. NaN/inf logits of the rows
+// read (every row for the stats, the lazy combination's for the loss) are reported too.
 #pragma once
 
 #include "common.cuh"
@@ -32,21 +36,24 @@ enum Distance : int { kCE = 0, kL1 = 1, kL2 = 2 };
 
 // --------------------------------------------------------------------- combination ids
 // comb[b] = sum_m present[b, m] << m, one thread per sample (present: bool [B, M] as bytes).
+// A sample with no present modality (id 0) is reported in flags (kFlagPresent).
 __global__ void __launch_bounds__(kThreads)
     combination_ids_kernel(const uint8_t* __restrict__ present, int64_t B, int M,
-                           int64_t* __restrict__ comb) {
+                           int64_t* __restrict__ comb, int* __restrict__ flags) {
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < B;
        b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     int64_t id = 0;
     for (int m = 0; m < M; ++m) id |= static_cast<int64_t>(present[b * M + m] != 0) << m;
+    if (id == 0) flag_bad(flags, kFlagPresent);
     comb[b] = id;
   }
 }
 
 inline cudaError_t combination_ids(const uint8_t* present, int64_t B, int M, int64_t* comb,
-                                   cudaStream_t stream) {
+                                   int* flags, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
-  combination_ids_kernel<<<grid_for(B, kThreads), kThreads, 0, stream>>>(present, B, M, comb);
+  combination_ids_kernel<<<grid_for(B, kThreads), kThreads, 0, stream>>>(present, B, M, comb,
+                                                                          flags);
   return cudaGetLastError();
 }
 
@@ -84,7 +91,8 @@ template <typename T, int VEC, int kDist, typename A = acc_type<T>>
 __global__ void __launch_bounds__(kThreads)
     stats_kernel(const T* __restrict__ z, const int64_t* __restrict__ labels,
                  const int64_t* __restrict__ comb, int64_t B, int C, int G, int bins,
-                 float* __restrict__ sums, unsigned long long* __restrict__ counts) {
+                 float* __restrict__ sums, unsigned long long* __restrict__ counts,
+                 int* __restrict__ flags) {
   __shared__ float s_sum[kMaxBins];
   __shared__ unsigned s_cnt[kMaxBins];
   for (int i = threadIdx.x; i < bins; i += blockDim.x) {
@@ -100,14 +108,21 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
   for (int64_t base = warp * spw; base < B; base += nwarps * spw) {  // uniform per warp
     const int64_t b = base + slot;
-    const bool valid = b < B;
-    const int y = valid ? static_cast<int>(labels[b]) : 0;
+    int y = 0;
+    int64_t id = 0;
+    bool valid = b < B;
+    if (valid) {  // a sample with a bad label or comb is reported and left out
+      y = checked_label(labels[b], C, flags);
+      id = comb[b];
+      if (id < 1 || id >= bins) flag_bad(flags, kFlagComb);
+      valid = y >= 0 && id >= 1 && id < bins;
+    }
     const ClassRow<A> r =
-        class_row<T, VEC, kDist == kL2>(z + b * static_cast<int64_t>(C), C, y, j, G, valid);
+        class_row<T, VEC, kDist == kL2>(z + b * static_cast<int64_t>(C), C, y, j, G, valid, flags);
     const bool leader = valid && j == 0;
     const float dist = leader ? static_cast<float>(distance<kDist>(r)) : 0.f;
     // lanes that hold no sample get keys of their own (>= bins): they never match a real one
-    const int key = leader ? static_cast<int>(comb[b]) : bins + lane;
+    const int key = leader ? static_cast<int>(id) : bins + lane;
     const unsigned peers = __match_any_sync(kFullMask, key);
     const bool is_lead = leader && (__ffs(peers) - 1) == lane;
     const unsigned leads = __ballot_sync(kFullMask, is_lead);
@@ -134,10 +149,11 @@ __global__ void __launch_bounds__(kThreads)
 
 // sums (fp32 [2^M]) and counts (int64 [2^M], passed as unsigned long long) must be zeroed by
 // the caller (the kernel adds to them).
+// flags: common.cuh's flag tensor (labels and comb are checked).
 template <typename T>
 cudaError_t stats(const T* logits, const int64_t* labels, const int64_t* comb, int64_t B, int C,
                   int num_modalities, int distance_kind, float* sums, unsigned long long* counts,
-                  cudaStream_t stream) {
+                  int* flags, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   const int bins = 1 << num_modalities;
   // a few blocks per SM's worth: each block pays one flush of <= 256 bins
@@ -145,7 +161,7 @@ cudaError_t stats(const T* logits, const int64_t* labels, const int64_t* comb, i
   constexpr int V = vec16<T>();
 #define OMNIFUSE_TLA_STATS(VV, DD) \
   stats_kernel<T, VV, DD>          \
-      <<<l.grid, kThreads, 0, stream>>>(logits, labels, comb, B, C, l.g, bins, sums, counts)
+      <<<l.grid, kThreads, 0, stream>>>(logits, labels, comb, B, C, l.g, bins, sums, counts, flags)
   if (l.vec == V) {
     if (distance_kind == kCE)
       OMNIFUSE_TLA_STATS(V, kCE);
@@ -171,7 +187,7 @@ template <typename T, int VEC, typename A = acc_type<T>>
 __global__ void __launch_bounds__(kThreads)
     loss_kernel(const T* __restrict__ z, const int64_t* __restrict__ labels,
                 const int64_t* __restrict__ comb, int64_t B, int C, int G, int64_t lazy,
-                A* __restrict__ partials) {
+                A* __restrict__ partials, int* __restrict__ flags) {
   __shared__ A scratch[kWarp];
   const int lane = threadIdx.x % kWarp;
   const int spw = kWarp / G;
@@ -181,11 +197,17 @@ __global__ void __launch_bounds__(kThreads)
   A sum = A(0), cnt = A(0);
   for (int64_t base = warp * spw; base < B; base += nwarps * spw) {
     const int64_t b = base + slot;
-    const bool in_mask = b < B && comb[b] == lazy;
-    const int y = in_mask ? static_cast<int>(labels[b]) : 0;
+    bool in_mask = false;
+    int y = 0;
+    if (b < B) {  // every label and comb is checked, also outside the mask
+      const int64_t id = comb[b];
+      if (id < 1 || id >= kMaxBins) flag_bad(flags, kFlagComb);
+      y = checked_label(labels[b], C, flags);
+      in_mask = id == lazy && y >= 0;
+    }
     // unmasked samples read nothing (class_row skips the loads) but join the shuffles
     const ClassRow<A> r =
-        class_row<T, VEC, false>(z + b * static_cast<int64_t>(C), C, y, j, G, in_mask);
+        class_row<T, VEC, false>(z + b * static_cast<int64_t>(C), C, y, j, G, in_mask, flags);
     if (in_mask && j == 0) {
       sum += softplus(r.lseo - r.zy);
       cnt += A(1);
@@ -221,7 +243,8 @@ inline int64_t loss_num_partials(const T* logits, int64_t B, int C) {
 
 template <typename T>
 cudaError_t loss_forward(const T* logits, const int64_t* labels, const int64_t* comb, int64_t B,
-                         int C, int64_t lazy, acc_type<T>* partials, T* loss, cudaStream_t stream) {
+                         int C, int64_t lazy, acc_type<T>* partials, T* loss, int* flags,
+                         cudaStream_t stream) {
   using A = acc_type<T>;
   int64_t n = 0;
   if (B > 0) {
@@ -229,10 +252,10 @@ cudaError_t loss_forward(const T* logits, const int64_t* labels, const int64_t* 
     constexpr int V = vec16<T>();
     if (l.vec == V)
       loss_kernel<T, V>
-          <<<l.grid, kThreads, 0, stream>>>(logits, labels, comb, B, C, l.g, lazy, partials);
+          <<<l.grid, kThreads, 0, stream>>>(logits, labels, comb, B, C, l.g, lazy, partials, flags);
     else
       loss_kernel<T, 1>
-          <<<l.grid, kThreads, 0, stream>>>(logits, labels, comb, B, C, l.g, lazy, partials);
+          <<<l.grid, kThreads, 0, stream>>>(logits, labels, comb, B, C, l.g, lazy, partials, flags);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     n = l.grid;
@@ -279,10 +302,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t base = warp * spw; base < B; base += nwarps * spw) {
     const int64_t b = base + slot;
     const bool valid = b < B;
-    const bool in_mask = valid && comb[b] == lazy;
-    const int y = in_mask ? static_cast<int>(labels[b]) : 0;
+    const int y = valid && comb[b] == lazy ? checked_label(labels[b], C, nullptr) : -1;
+    const bool in_mask = y >= 0;  // a bad label (reported by the forward) is left out
     const T* row = z + b * static_cast<int64_t>(C);
-    const ClassRow<A> r = class_row<T, VEC, false>(row, C, y, j, G, in_mask);
+    const ClassRow<A> r = class_row<T, VEC, false>(row, C, y, j, G, in_mask, nullptr);
     if (!valid) continue;
     T* grow = out + b * static_cast<int64_t>(C);
     // c != y: scale * p_c = kappa * exp(z_c - lseo); c = y: scale * (p_y - 1) = -kappa
@@ -329,10 +352,10 @@ cudaError_t loss_backward(const acc_type<T>* grad, const T* logits, const int64_
 #define OMNIFUSE_GPU_INSTANTIATE_TLA(T)                                                            \
   template cudaError_t omnifuse_fast::gpu::tla::stats<T>(const T*, const int64_t*, const int64_t*, \
                                                          int64_t, int, int, int, float*,           \
-                                                         unsigned long long*, cudaStream_t);       \
+                                                         unsigned long long*, int*, cudaStream_t); \
   template cudaError_t omnifuse_fast::gpu::tla::loss_forward<T>(                                   \
       const T*, const int64_t*, const int64_t*, int64_t, int, int64_t,                             \
-      omnifuse_fast::gpu::acc_type<T>*, T*, cudaStream_t);                                         \
+      omnifuse_fast::gpu::acc_type<T>*, T*, int*, cudaStream_t);                                   \
   template cudaError_t omnifuse_fast::gpu::tla::loss_backward<T>(                                  \
       const omnifuse_fast::gpu::acc_type<T>*, const T*, const int64_t*, const int64_t*, int64_t,   \
       int, int64_t, unsigned long long*, T*, cudaStream_t);

@@ -40,7 +40,9 @@ def _cuda_reason(device: torch.device) -> str | None:
     if not _ext.HAS_EXTENSION:
         return f"the compiled extension is not built ({_ext.LOAD_ERROR})"
     if not _ext.HAS_CUDA_KERNELS:
-        return "the extension was built without CUDA kernels (needs a CUDA torch and nvcc)"
+        # _ext says why: not built (and the build's reason), or the .so failed to load
+        why = _ext.CUDA_LOAD_ERROR or "loaded but registered no kernels"
+        return f"the CUDA kernels are not available ({_ext.CUDA_MODULE} {why})"
     if device.type != "cuda":
         return f"it runs on CUDA tensors, got tensors on {device}"
     return None

@@ -123,9 +123,15 @@ def _load_npz(path: Path, label: str | Sequence[str] | None, require: bool) -> T
         if key is not None and key not in keys and not require:
             key = None  # prediction without labels
         if key is not None and key not in keys:
-            raise ValueError(f"{path}: no label array {key!r} (arrays: {keys})")
+            raise ValueError(
+                f"{path}: no label array {key!r} (arrays: {keys}): name an existing key with "
+                f"label=KEY (command line: --label KEY)"
+            )
         if key is None and require:
-            raise ValueError(f"{path}: no labels: store them as 'y' or name the key with label=")
+            raise ValueError(
+                f"{path}: no labels: store them as 'y' (or 'label'), or name their key with "
+                f"label=KEY (command line: --label KEY); arrays are {keys}"
+            )
         y = None if key is None else npz[key]
         present = npz["present"].astype(bool) if "present" in keys else None
     if present is not None and (present.ndim != 2 or present.shape[1] != len(names)):

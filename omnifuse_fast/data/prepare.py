@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,15 +127,36 @@ def prepare_mfeat(
     for m in range(num_views):
         x[m][missing[:, m]] = 0.0
 
+    return make_splits(x, data.labels, observed, rows, data.view_names, data.num_classes)
+
+
+def make_splits(
+    views: Sequence[np.ndarray],
+    labels: np.ndarray,
+    observed: np.ndarray,
+    rows: Mapping[str, np.ndarray],
+    view_names: Sequence[str],
+    num_classes: int,
+) -> dict[str, MultiViewSplit]:
+    """``{name: MultiViewSplit}`` of the rows ``rows[name]`` of full-data arrays.
+
+    Args:
+        views: one float32 array ``[N, D_m]`` per view (missing entries already filled).
+        labels: ``[N]`` class indices or ``[N, C]`` multilabel indicators.
+        observed: bool ``[N, M]``.
+        rows: each split's int row indices.
+        view_names, num_classes: carried by every split.
+    """
+
     def split(idx: np.ndarray) -> MultiViewSplit:
         return MultiViewSplit(
-            views=[torch.from_numpy(np.ascontiguousarray(v[idx])) for v in x],
-            labels=torch.from_numpy(data.labels[idx].copy()),
-            observed=torch.from_numpy(observed[idx].copy()),
-            indices=torch.from_numpy(idx.astype(np.int64)),
-            view_names=list(data.view_names),
-            view_dims=list(data.view_dims),
-            num_classes=data.num_classes,
+            views=[torch.from_numpy(v[idx]) for v in views],  # fancy indexing: new arrays
+            labels=torch.from_numpy(labels[idx]),
+            observed=torch.from_numpy(observed[idx]),
+            indices=torch.from_numpy(np.asarray(idx, dtype=np.int64)),
+            view_names=list(view_names),
+            view_dims=[int(v.shape[1]) for v in views],
+            num_classes=num_classes,
         )
 
     return {name: split(idx) for name, idx in rows.items()}

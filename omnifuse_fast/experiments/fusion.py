@@ -1,12 +1,21 @@
-"""Fusion operators: DWFuse vs concat, sum and late fusion, and the best single view.
+"""Fusion operators and the premise check: concat vs the best single view, then DWFuse vs
+concat, sum and late fusion.
 
-All on the six views, in two conditions: ``complete`` (no missing view, noise on two views)
-and ``low-quality`` (views missing at 0.5 as well). ``dwfuse`` is Table 4's row (b) (DWFuse
-alone), ``omnifuse`` the full model; ``sum`` and ``late`` are :mod:`.models`. The unimodal
-models are the late-fusion model's per-view encoder + head, each trained only on its own view
-(no parameter is shared), tested alone on every test sample (a missing view gives the
-model's output on the missing embedding). p: paired t-test against concat, and of each fused
-model against the best single view (the view with the highest mean accuracy).
+OmniFuse's Table 2 starts from concat fusion being WORSE than the best single modality
+("modality laziness"); its components are meant to fix that. So this experiment first checks
+the premise in each condition: concat vs the best single view (chosen by validation accuracy)
+in test accuracy, AUROC and NLL, with a verdict, ``"premise holds"`` (concat significantly
+below, paired p < 0.05) or ``"does not hold"``. Then every fused model against concat.
+
+Conditions (default, built-in data): ``uniform`` (views missing at 0.5, Gaussian noise std 1
+on ``kar`` and ``pix``: the first results' low quality) and ``swap`` (per sample, 2 of the 6
+views replaced by the same view of a sample of another class). A user's file: ``as-is`` and
+``swap``. ``--corruption`` / ``--missing-rate`` replace them by one condition.
+
+``dwfuse`` is Table 4's row (b), ``omnifuse`` the full model; ``sum`` and ``late`` are
+:mod:`.models`. The unimodal models are the late-fusion model's per-view branches (no shared
+parameter), each early-stopped at its own lowest validation NLL, tested alone on every test
+sample (a missing view gives the branch's output on the missing embedding).
 """
 
 from __future__ import annotations
@@ -14,52 +23,67 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omnifuse_fast.data import prepare_mfeat
+from omnifuse_fast.data.corruption import Corruption
 from omnifuse_fast.experiments._common import (
+    Condition,
     Settings,
+    Source,
+    builtin_noise,
     cell,
+    conditions_for,
     fmt,
+    lambdas,
     md_table,
+    nll,
+    premise_check,
+    premise_markdown,
     pyplot,
-    train_run,
-    use_best,
+    record,
+    train_eval,
+    tuned,
     write_outputs,
 )
-from omnifuse_fast.experiments.models import LateFusion, SumFusion
+from omnifuse_fast.experiments.models import BranchTracker, LateFusion, SumFusion
 from omnifuse_fast.train.metrics import accuracy, macro_auroc
 
-CONDITIONS = {"complete": 0.0, "low-quality": 0.5}
 FUSED = ("concat", "sum", "late", "dwfuse", "omnifuse")
+OMNIFUSE_ROWS = ("dwfuse", "omnifuse")
 
 
-def _config(settings: Settings, seed: int, method: str, rate: float, noise, std):
-    data = {"missing_rate": rate, "noise_views": noise, "noise_std": std}
+def default_conditions(source: Source) -> list[Condition]:
+    """``uniform`` + ``swap`` on the built-in data; ``as-is`` + ``swap`` on a file."""
+    k = 2 if len(source.view_names) >= 4 else 1
+    swap = Condition(f"swap k={k}", 0.0, Corruption("swap", k=k))
+    if source.builtin:
+        return [Condition("uniform", 0.5, builtin_noise()), swap]
+    return [Condition("as-is", 0.0, Corruption("none")), swap]
+
+
+def _values(method: str) -> dict[str, Any]:
     if method == "dwfuse":
-        return settings.config(
-            seed, use_tla=False, use_imp_forward=False, use_imp_backward=False, **data
-        )
+        return {"use_tla": False, "use_imp_forward": False, "use_imp_backward": False}
     if method == "omnifuse":
-        return settings.config(seed, **data)
-    return settings.config(seed, method="concat", **data)  # concat; sum / late swap the model
+        return {}
+    return {"method": "concat"}  # concat; sum / late swap the model
 
 
 def run(
-    out: str | Path,
-    settings: Settings,
-    noise_views: tuple[str, ...] = ("kar", "pix"),
-    noise_std: float = 1.0,
+    out: str | Path, settings: Settings, conditions: list[Condition] | None = None
 ) -> dict[str, Any]:
     """Run the comparison and write ``fusion.{json,md,png}`` into ``out``."""
+    source = Source(settings)
+    conds = conditions or conditions_for(settings, source, default_conditions(source))
+    views = source.view_names
     runs: list[dict[str, Any]] = []
-    view_names: list[str] = []
-    for seed in settings.seeds:
-        for cond, rate in CONDITIONS.items():
-            splits = prepare_mfeat(rate, noise_views, noise_std, seed=seed)
-            view_names = list(splits["train"].view_names)
-            test = splits["test"]
-            for method in FUSED:
-                config = _config(settings, seed, method, rate, noise_views, noise_std)
-                factory = None
+    tuning: dict[str, dict[str, Any]] = {}
+    for cond in conds:
+        tuning[cond.name] = {}
+        for method in FUSED:
+
+            def run_one(seed, point, method=method, cond=cond):
+                splits = source.splits(seed, cond)
+                config = settings.config(seed, **_values(method), **lambdas(point))
+                factory, tracker = None, None
                 if method in ("sum", "late"):
                     cls = SumFusion if method == "sum" else LateFusion
                     size = {k: getattr(config, k) for k in ("dim", "encoder_hidden", "head_hidden")}
@@ -67,116 +91,118 @@ def run(
                     def factory(tr, cls=cls, size=size):
                         return cls(tr.view_dims, tr.num_classes, **size)
 
-                trainer, result = train_run(config, splits, factory)
-                base = {"seed": seed, "condition": cond, "seconds": result["seconds"]}
-                runs.append(
-                    {
-                        **base,
-                        "method": method,
-                        "test_accuracy": result["test_accuracy"],
-                        "test_auroc": result["test_auroc"],
-                    }
+                holder: dict[str, Any] = {}
+
+                def on_epoch(tr):
+                    if "t" not in holder:
+                        holder["t"] = BranchTracker(tr.model, splits["val"])
+                    return holder["t"](tr)
+
+                trainer, result = train_eval(
+                    config, splits, settings, factory, on_epoch if method == "late" else None
                 )
-                if method == "late":  # the unimodal models, at the selected epoch
-                    use_best(trainer)
-                    for m, name in enumerate(view_names):
-                        proba = trainer.model.predict_view_proba(test.views, test.observed, m)
-                        runs.append(
-                            {
-                                **base,
-                                "method": f"uni:{name}",
-                                "test_accuracy": accuracy(proba, test.labels),
-                                "test_auroc": macro_auroc(proba, test.labels),
-                            }
-                        )
+                tracker = holder.get("t")
+                if tracker is not None:  # the unimodal models, each at its own best epoch
+                    result["unimodal"] = {}
+                    for m, name in enumerate(views):
+                        r = {}
+                        for split in ("val", "test"):
+                            p = tracker.proba(splits[split], m)
+                            y = splits[split].labels
+                            r[f"{split}_accuracy"] = accuracy(p, y)
+                            r[f"{split}_auroc"] = macro_auroc(p, y)
+                            r[f"{split}_nll"] = nll(p, y)
+                        result["unimodal"][name] = r
+                return result
+
+            results, tuning[cond.name][method] = tuned(settings, method in OMNIFUSE_ROWS, run_one)
+            point = tuning[cond.name][method]["chosen"]
+            for seed, result in results.items():
+                base = {"seed": seed, "condition": cond.name}
+                runs.append(record(result, point, **base, method=method))
+                for name, r in result.get("unimodal", {}).items():
+                    runs.append(record(r, point, **base, method=f"uni:{name}"))
     summary: dict[str, Any] = {}
-    for cond in CONDITIONS:
-        unis = [f"uni:{v}" for v in view_names]
-        best = max(
-            unis,
-            key=lambda u: cell(runs, "test_accuracy", {"condition": cond, "method": u})["mean"],
-        )
-        entry: dict[str, Any] = {"best_unimodal": best}
-        for metric in ("test_accuracy", "test_auroc"):
+    for cond in conds:
+        match = {"condition": cond.name}
+        entry: dict[str, Any] = {"premise": premise_check(runs, match, views)}
+        for metric in ("test_accuracy", "test_auroc", "test_nll"):
             entry[metric] = {
-                m: {
-                    "vs_concat": cell(
-                        runs,
-                        metric,
-                        {"condition": cond, "method": m},
-                        {"condition": cond, "method": "concat"} if m != "concat" else None,
-                    ),
-                    "vs_best_unimodal": cell(
-                        runs,
-                        metric,
-                        {"condition": cond, "method": m},
-                        {"condition": cond, "method": best},
-                    ),
-                }
+                m: cell(
+                    runs,
+                    metric,
+                    {**match, "method": m},
+                    {**match, "method": "concat"} if m != "concat" else None,
+                )
                 for m in FUSED
             }
             entry[metric]["unimodal"] = {
-                u: cell(runs, metric, {"condition": cond, "method": u}) for u in unis
+                v: cell(runs, metric, {**match, "method": f"uni:{v}"}) for v in views
             }
-        summary[cond] = entry
-    params = {
-        "conditions": CONDITIONS,
-        "noise_views": list(noise_views),
-        "noise_std": noise_std,
-        "views": view_names,
-    }
-    md = _markdown(summary, settings, params)
-    write_outputs(out, "fusion", settings, params, runs, summary, md, _figure(summary))
+        entry["tuning"] = tuning[cond.name]
+        summary[cond.name] = entry
+    summary["premise"] = {c.name: summary[c.name]["premise"]["verdict"] for c in conds}
+    params = {"conditions": {c.name: c.to_dict() for c in conds}, "views": views}
+    params["data"] = source.describe()
+    md = _markdown(summary, settings, params, conds)
+    write_outputs(out, "fusion", settings, params, runs, summary, md, _figure(summary, conds))
     return {"summary": summary, "runs": runs}
 
 
-def _markdown(summary, settings, params) -> str:
+def _markdown(summary, settings, params, conds) -> str:
     parts = [
-        "# Fusion operators on UCI multiple features (6 views)",
+        f"# Fusion operators and the premise check on {params['data']}",
         "",
-        f"Noise std {params['noise_std']} on {', '.join(params['noise_views'])}; missing rate "
-        f"per condition {params['conditions']}; {len(settings.seeds)} seeds, "
-        f"{settings.epochs} epochs; mean ± std; p: paired t-test over seeds.",
+        f"{len(settings.seeds)} seeds, up to {settings.epochs} epochs (early stopping on "
+        f"validation NLL, patience {settings.patience}); each row's grid point chosen on the "
+        f"validation NLL of {settings.tune_seeds} tuning seed(s); mean ± std; p: paired t-test "
+        "over seeds against concat.",
     ]
-    for cond, e in summary.items():
+    for cond in conds:
+        e = summary[cond.name]
         rows = []
         for m in FUSED:
-            a, r = e["test_accuracy"][m], e["test_auroc"][m]
             rows.append(
-                [m, fmt(a["vs_concat"]), f"p={_p(a['vs_best_unimodal'])}", fmt(r["vs_concat"])]
+                [m]
+                + [fmt(e[k][m]) for k in ("test_accuracy", "test_auroc", "test_nll")]
+                + [_point(e["tuning"][m]["chosen"])]
             )
-        for u, c in e["test_accuracy"]["unimodal"].items():
-            star = " (best)" if u == e["best_unimodal"] else ""
-            rows.append([u + star, fmt(c), "", fmt(e["test_auroc"]["unimodal"][u])])
+        for v, c in e["test_accuracy"]["unimodal"].items():
+            star = " (best on val)" if v == e["premise"]["best_single_view"] else ""
+            rows.append(
+                [
+                    f"uni:{v}{star}",
+                    fmt(c),
+                    fmt(e["test_auroc"]["unimodal"][v]),
+                    fmt(e["test_nll"]["unimodal"][v]),
+                    _point(e["tuning"]["late"]["chosen"]),
+                ]
+            )
         parts += [
             "",
-            f"## {cond}",
+            f"## {cond.name}",
             "",
-            md_table(
-                [
-                    "model",
-                    "accuracy (p vs concat)",
-                    "acc p vs best single view",
-                    "AUROC (p vs concat)",
-                ],
-                rows,
-            ),
+            f"Missing rate {cond.missing_rate}, corruption {cond.corruption.to_dict()}.",
+            "",
+            *premise_markdown(e["premise"]),
+            "",
+            md_table(["model", "accuracy", "AUROC", "NLL", "grid point"], rows),
         ]
     return "\n".join(parts)
 
 
-def _p(c) -> str:
-    pv = c.get("p_value")
-    return "n/a" if pv is None or pv != pv else f"{pv:.3g}"
+def _point(p: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in p.items())
 
 
-def _figure(summary):
+def _figure(summary, conds):
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(summary), figsize=(12, 4), constrained_layout=True)
-    for ax, (cond, e) in zip(axes, summary.items()):
-        acc = e["test_accuracy"]
-        names = list(FUSED) + list(acc["unimodal"])
-        cells = [acc[m]["vs_concat"] for m in FUSED] + list(acc["unimodal"].values())
+    fig, axes = plt.subplots(1, len(conds), figsize=(6 * len(conds), 4), constrained_layout=True)
+    axes = [axes] if len(conds) == 1 else list(axes)
+    for ax, cond in zip(axes, conds):
+        acc = summary[cond.name]["test_accuracy"]
+        names = list(FUSED) + [f"uni:{v}" for v in acc["unimodal"]]
+        cells = [acc[m] for m in FUSED] + list(acc["unimodal"].values())
         colors = ["tab:blue"] * len(FUSED) + ["tab:gray"] * len(acc["unimodal"])
         ax.bar(
             range(len(names)),
@@ -186,6 +212,7 @@ def _figure(summary):
             capsize=2,
         )
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-        ax.set(title=cond, ylabel="test accuracy", ylim=(0.0, 1.0))
+        verdict = summary[cond.name]["premise"]["verdict"]
+        ax.set(title=f"{cond.name}: {verdict}", ylabel="test accuracy", ylim=(0.0, 1.0))
     fig.suptitle("Fusion (blue) vs single views (gray)")
     return fig

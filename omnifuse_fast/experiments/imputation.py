@@ -7,7 +7,8 @@ view (the ground truth of eq. 7) by cosine similarity, MSE, and normalized MSE (
 spread of the true embeddings around their per-view mean: 1 is no better than that mean). The
 same numbers for the missing embedding ``u`` (what the model fills in without imputation) are
 the reference. Test AUROC per epoch is Fig. 7's second curve. The full OmniFuse on the
-low-quality data (missing 0.5, noise on two views), the last epoch's weights (no selection).
+low-quality data (built-in: missing 0.5, noise on two views; a file: missing 0.5 injected;
+``--corruption`` / ``--missing-rate`` replace it), each epoch's weights (no selection).
 """
 
 from __future__ import annotations
@@ -19,8 +20,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from omnifuse_fast.data import prepare_mfeat
-from omnifuse_fast.experiments._common import Settings, cell, fmt, md_table, pyplot, write_outputs
+from omnifuse_fast.data.corruption import Corruption
+from omnifuse_fast.experiments._common import (
+    Condition,
+    Settings,
+    Source,
+    builtin_noise,
+    cell,
+    conditions_for,
+    fmt,
+    md_table,
+    pyplot,
+    write_outputs,
+)
 from omnifuse_fast.train import Trainer
 
 
@@ -63,34 +75,36 @@ def similarity(model: torch.nn.Module, split: Any, rows: torch.Tensor, present: 
     return {"imputed": scores(imputed), "missing_embedding": scores(u)}
 
 
-def run(
-    out: str | Path,
-    settings: Settings,
-    missing_rate: float = 0.5,
-    noise_views: tuple[str, ...] = ("kar", "pix"),
-    noise_std: float = 1.0,
-) -> dict[str, Any]:
-    """Run the curve and write ``imputation.{json,md,png}`` into ``out``."""
+def default_conditions(source: Source) -> list[Condition]:
+    """Missing 0.5 + noise std 1 on ``kar`` and ``pix`` (built-in), missing 0.5 (a file)."""
+    if source.builtin:
+        return [Condition("uniform", 0.5, builtin_noise())]
+    return [Condition("missing 0.5", 0.5, Corruption("none"))]
+
+
+def run(out: str | Path, settings: Settings) -> dict[str, Any]:
+    """Run the curve and write ``imputation.{json,md,png}`` into ``out``.
+
+    One condition (the first of ``--corruption`` / the defaults); every epoch up to
+    ``settings.epochs`` (a curve: no early stopping, no grid, the default lr and lambdas).
+    """
+    source = Source(settings)
+    cond = conditions_for(settings, source, default_conditions(source))[0]
     runs: list[dict[str, Any]] = []
     for seed in settings.seeds:
-        splits = prepare_mfeat(missing_rate, noise_views, noise_std, seed=seed)
+        splits = source.splits(seed, cond)
         test = splits["test"]
         rows, present = held_out_drop(test.observed, seed)
-        config = settings.config(
-            seed,
-            missing_rate=missing_rate,
-            noise_views=noise_views,
-            noise_std=noise_std,
-            select_best=False,
-            epochs=1,
-        )
-        trainer = Trainer(config, None, splits=splits)
+        if len(rows) == 0:
+            raise ValueError("imputation: no test row has two observed views to drop one of")
+        trainer = Trainer(settings.config(seed, select_best=False), None, splits=splits)
         for epoch in range(settings.epochs + 1):
             if epoch:
-                trainer.config.epochs = epoch  # fit() trains up to config.epochs, then tests
-                auroc = trainer.fit()["test_auroc"]
-            else:
-                auroc = trainer.evaluate(test)["auroc"]
+                trainer.train_epoch()
+                if trainer.model.use_tla:
+                    trainer.model.miner.mine()
+                trainer.epoch = epoch
+            auroc = trainer.evaluate(test)["auroc"]
             sim = similarity(trainer.model, test, rows, present)
             record = {"seed": seed, "epoch": epoch, "test_auroc": auroc, "held_out": len(rows)}
             for which, s in sim.items():
@@ -117,10 +131,9 @@ def run(
         for k in ("cosine", "mse", "nmse")
     }
     params = {
-        "missing_rate": missing_rate,
-        "noise_views": list(noise_views),
-        "noise_std": noise_std,
+        "condition": {cond.name: cond.to_dict()},
         "held_out_per_seed": int(runs[0]["held_out"]),
+        "data": source.describe(),
     }
     md = _markdown(summary, settings, params, last)
     write_outputs(
@@ -154,10 +167,10 @@ def _markdown(summary, settings, params, last) -> str:
     p = summary["imputed_vs_missing_embedding_last"]
     return "\n".join(
         [
-            "# Imputation quality over training (OmniFuse Fig. 7)",
+            f"# Imputation quality over training (OmniFuse Fig. 7) on {params['data']}",
             "",
-            f"Missing rate {params['missing_rate']}, noise std {params['noise_std']} on "
-            f"{', '.join(params['noise_views'])}; {params['held_out_per_seed']} held-out test "
+            f"Condition {params['condition']}; every epoch (no selection, default lr and "
+            f"lambdas); {params['held_out_per_seed']} held-out test "
             f"samples per seed with one observed view dropped; {len(settings.seeds)} seeds; "
             "mean ± std. nMSE: MSE / spread of the true embeddings around their per-view mean "
             "(1 = no better than the mean embedding).",

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from omnifuse_fast import _checks
+from omnifuse_fast.nn import _inputs
 from omnifuse_fast.nn.cra import CascadeResidualAutoencoder
 
 MISSING_EMBEDDINGS = ("learned", "zero_input")
@@ -17,13 +18,21 @@ class ImputerOutput(NamedTuple):
     """What :class:`OmniFuseImputer` returns.
 
     Attributes:
-        v_full: ``P*v + (1-P)*v'`` ``[B, M, D]`` (``P*v + (1-P)*u`` when imputation is off).
-        v_forward: ``v'`` ``[B, M, D]``, the forward CRA's output.
-        v_backward: ``v''`` ``[B, M, D]``, or None when the backward pass did not run.
-        latents: the forward CRA's latents ``[B, K*H]`` (the joint embedding of eq. 11).
-        present: bool ``[B, M]``, ``observed & ~drop``: what the model was fed.
-        loss_forward: eq. 7 (0 when not computed or nothing supervised).
-        loss_backward: eq. 8 (0 when not computed or nothing supervised).
+        v_full: ``[B, M, D]``, the completed embeddings: ``v`` where ``present``, the
+            forward CRA's imputation ``v'`` elsewhere (``u`` when imputation is off). Feed this
+            to your unimodal heads.
+        v_forward: ``v'`` ``[B, M, D]``, the forward CRA's output (every block, imputed or not).
+        v_backward: ``v''`` ``[B, M, D]``, the backward CRA's output, or None when it did not
+            run (eval, ``losses=False`` or ``use_backward=False``).
+        latents: the forward CRA's latents ``[B, K*H]``, the joint embedding of eq. 11: feed
+            this to your fusion head.
+        present: bool ``[B, M]``, ``observed & ~drop``: what the model was fed. Its
+            combination ids (``combination_ids(present)``) are TLA's ``comb``.
+        loss_forward: eq. 7, ``L_forward`` (0 when not computed or nothing supervised).
+        loss_backward: eq. 8, ``L_backward`` (0 when not computed or nothing supervised).
+
+    Missing blocks are replaced by a select (``torch.where``), never by ``P*v + (1-P)*u``: what
+    a missing block of ``v`` holds (NaN, inf, garbage) changes no value and no gradient.
     """
 
     v_full: torch.Tensor
@@ -48,19 +57,22 @@ def supervision_drop(
     draw = torch.rand(observed.shape, generator=generator, device=observed.device)
     present = observed & (draw >= rate)
     empty = ~present.any(dim=1)
-    if bool(empty.any()):
-        keep = torch.where(observed, draw, torch.full_like(draw, -1.0)).argmax(dim=1)
-        restore = torch.zeros_like(present).scatter_(1, keep.unsqueeze(1), True)
-        present = present | (restore & empty.unsqueeze(1))
-    return present
+    # Branch-free (no host sync, one graph under torch.compile): rows that kept something are
+    # unchanged since ``restore & empty`` is all false there; the result equals the branchy one.
+    keep = torch.where(observed, draw, torch.full_like(draw, -1.0)).argmax(dim=1)
+    restore = torch.zeros_like(present).scatter_(1, keep.unsqueeze(1), True)
+    return present | (restore & empty.unsqueeze(1))
 
 
 def masked_block_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the blocks ``mask [B, M]`` selects (mean over block count x D).
 
     A real 0 (zero gradient, never NaN) when no block is selected. Accumulates in fp32.
+    Unselected blocks are dropped by a select, so NaN or inf there changes nothing.
     """
-    sq = (pred.float() - target.float()).square() * mask.unsqueeze(-1).float()
+    sel = mask.unsqueeze(-1)
+    diff = torch.where(sel, pred.float() - target.float(), 0.0)
+    sq = diff.square()
     count = mask.sum().float() * pred.shape[-1]
     return (sq.sum() / count.clamp_min(1.0)).to(pred.dtype)
 
@@ -69,7 +81,8 @@ class OmniFuseImputer(nn.Module):
     """Missing-modality imputation by a forward CRA and a dual backward CRA.
 
     ``v_in = P*v + (1-P)*u``; ``v' = CRA_f(v_in)``; ``v_hat = (1-P)*v' + P*u``;
-    ``v'' = CRA_b(v_hat)``; ``v_full = P*v + (1-P)*v'``. In training, observed modalities are
+    ``v'' = CRA_b(v_hat)``; ``v_full = P*v + (1-P)*v'`` (each computed as a select on ``P``,
+    so missing blocks of ``v`` may hold anything). In training, observed modalities are
     dropped at ``drop_rate`` so that imputation has ground truth (``present = observed & ~drop``).
 
     Args:
@@ -149,6 +162,18 @@ class OmniFuseImputer(nn.Module):
         _checks.floating("u", u, ndim=2, shape=(self.num_modalities, self.dim))
         return u
 
+    def draw_present(
+        self, observed: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """What :meth:`forward` would feed the model: the supervision drop in training.
+
+        Call this outside a compiled region and pass the result as ``present`` so the random
+        draw stays out of the graph (``forward(v, observed, present=None)`` draws the very
+        same mask from the same RNG state).
+        """
+        supervise = self.training and (self.use_forward or self.use_backward)
+        return supervision_drop(observed, self.drop_rate if supervise else 0.0, generator)
+
     def forward(
         self,
         v: torch.Tensor,
@@ -161,36 +186,44 @@ class OmniFuseImputer(nn.Module):
         """Impute the missing blocks of ``v [B, M, D]``.
 
         Args:
-            v: modality embeddings ``[B, M, D]`` (missing blocks may hold anything).
+            v: modality embeddings ``[B, M, D]``, in the dtype of the module's parameters
+                (under autocast: any float dtype). Missing blocks may hold anything (zeros,
+                NaN, inf): they change no value and no gradient. Observed blocks must be finite.
             observed: bool ``[B, M]``, the data's own mask (no all-false row).
             u: missing embeddings ``[M, D]`` when ``missing_embedding="zero_input"``.
             present: what to feed the model instead of drawing a drop (must be within
-                ``observed``); None draws the supervision drop in training.
+                ``observed``; see :meth:`draw_present`); None draws the supervision drop in
+                training.
             generator: RNG of the drop (global RNG when None).
             losses: compute L_forward and L_backward (in training); False skips them and the
                 backward cascade (e.g. for an extra no-grad pass).
+
+        Returns:
+            :class:`ImputerOutput`.
         """
         m, d = self.num_modalities, self.dim
         _checks.floating("v", v, ndim=3, shape=(None, m, d))
         _checks.tensor("observed", observed, ndim=2, dtypes=(torch.bool,), shape=(v.shape[0], m))
         _checks.present_mask("observed", observed)
+        _inputs.module_dtype("v", v, self.forward_cra.w1, type(self).__name__)
+        _inputs.finite_where("v", v, observed)
         u = self._missing(u, v)
-        supervise = self.training and (self.use_forward or self.use_backward)
         if present is None:
-            rate = self.drop_rate if supervise else 0.0
-            present = supervision_drop(observed, rate, generator)
+            present = self.draw_present(observed, generator)
         else:
             _checks.tensor("present", present, dtypes=(torch.bool,), shape=tuple(observed.shape))
             _checks.present_mask("present", present)
             if _checks.value_checks_enabled() and bool((present & ~observed).any()):
                 raise ValueError("present must be within observed (a subset of its True entries)")
-        p = present.unsqueeze(-1).to(v.dtype)
-        u_b = u.unsqueeze(0).expand_as(v)
-        v_in = p * v + (1.0 - p) * u_b
+        # Selects, not P*v + (1-P)*u: NaN * 0 is NaN, and a select's gradient into the
+        # unselected side is an exact 0.
+        p = present.unsqueeze(-1)
+        u_b = u.unsqueeze(0).expand(v.shape)
+        v_in = torch.where(p, v, u_b)
         out, latents = self.forward_cra(v_in.reshape(v.shape[0], m * d))
         v_fwd = out.view_as(v)
         fill = v_fwd if self.use_forward else u_b
-        v_full = p * v + (1.0 - p) * fill
+        v_full = torch.where(p, v, fill)
         target = v.detach() if self.detach_target else v
         zero = v.new_zeros(())
         loss_fwd = zero
@@ -198,7 +231,7 @@ class OmniFuseImputer(nn.Module):
             loss_fwd = masked_block_mse(v_fwd, target, observed)
         v_bwd, loss_bwd = None, zero
         if losses and self.training and self.use_backward:
-            v_hat = (1.0 - p) * v_fwd + p * u_b
+            v_hat = torch.where(p, u_b, v_fwd)
             v_bwd = self.backward_cra(v_hat.reshape(v.shape[0], m * d))[0].view_as(v)
             loss_bwd = masked_block_mse(v_bwd, target, present)
         return ImputerOutput(v_full, v_fwd, v_bwd, latents, present, loss_fwd, loss_bwd)

@@ -11,10 +11,11 @@ from torch import nn
 
 from omnifuse_fast import _checks
 from omnifuse_fast._dispatch import BACKENDS
+from omnifuse_fast.nn import _inputs
 from omnifuse_fast.nn.dwfuse import DWFuseLoss, joint_cross_entropy
 from omnifuse_fast.nn.encoders import MLPEncoder
 from omnifuse_fast.nn.imputer import MISSING_EMBEDDINGS, OmniFuseImputer
-from omnifuse_fast.nn.tla import TLAMiner, contains, expand_subsets
+from omnifuse_fast.nn.tla import TLAMiner, contains, expand_subsets, masked_mean
 from omnifuse_fast.ops import combination_ids, tla_loss
 
 
@@ -76,6 +77,8 @@ class OmniFuse(nn.Module):
         backend: backend of every functional op.
         multilabel: labels are float ``[B, C]`` indicators: BCE joint loss, ``sigmoid(o)``
             predictions, and TLA's distance is each sample's joint BCE (mean over labels).
+            Without it, labels must be int64 class indices ``[B]`` (float labels are refused:
+            a one-hot float target must not silently change the loss).
     """
 
     def __init__(
@@ -160,7 +163,7 @@ class OmniFuse(nn.Module):
             self.fusion_head = _head(self.imputer.latent_dim, head_hidden, num_classes)
         else:
             self.fusion_head = _head(m * dim, head_hidden, num_classes)
-        self.dwfuse = DWFuseLoss(alpha, beta, detach_weight)
+        self.dwfuse = DWFuseLoss(alpha, beta, detach_weight, multilabel=self.multilabel)
         self.miner = TLAMiner(m, tla_distance, tla_reduction, tla_mode)
         self.backend = backend
 
@@ -191,12 +194,34 @@ class OmniFuse(nn.Module):
         return shared, heads, fusion
 
     # ----------------------------------------------------------------- forward
-    def embed(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Per-modality encoders (eq. 1): ``v [B, M, D]``."""
+    def embed(
+        self, views: Sequence[torch.Tensor], observed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-modality encoders (eq. 1): ``v [B, M, D]``.
+
+        With ``observed``, the rows of each view that ``observed`` marks missing are zeroed by a
+        select before its encoder, so that whatever they hold (NaN, inf, garbage) changes no
+        value and no gradient (not even the encoders' weight gradients, where ``0 * NaN``
+        would be NaN); the observed rows must be finite.
+        """
         if len(views) != self.num_modalities:
             raise ValueError(f"views must hold {self.num_modalities} tensors, got {len(views)}")
         for i, (x, d) in enumerate(zip(views, self.view_dims)):
             _checks.floating(f"views[{i}]", x, ndim=2, shape=(views[0].shape[0], d))
+        for i, (x, enc) in enumerate(zip(views, self.encoders)):
+            if isinstance(enc, MLPEncoder):  # a custom encoder may take any input dtype
+                _inputs.module_dtype(f"views[{i}]", x, enc.net[0].weight, f"encoders[{i}]")
+        if observed is not None:
+            _checks.tensor(
+                "observed",
+                observed,
+                ndim=2,
+                dtypes=(torch.bool,),
+                shape=(views[0].shape[0], self.num_modalities),
+            )
+            for i, x in enumerate(views):
+                _inputs.finite_rows(f"views[{i}]", x, observed[:, i], i)
+            views = [torch.where(observed[:, i : i + 1], x, 0.0) for i, x in enumerate(views)]
         return torch.stack([enc(x) for enc, x in zip(self.encoders, views)], dim=1)
 
     def missing_embeddings(self) -> torch.Tensor | None:
@@ -212,9 +237,9 @@ class OmniFuse(nn.Module):
             return imp.v_full, imp.latents, imp.present, imp.loss_forward, imp.loss_backward
         _checks.present_mask("observed", observed)
         present = observed if present is None else present
-        p = present.unsqueeze(-1).to(v.dtype)
         assert u is not None
-        v_full = p * v + (1.0 - p) * u.unsqueeze(0).to(v.dtype)
+        # a select, not P*v + (1-P)*u: a missing block's content must not leak (NaN * 0 = NaN)
+        v_full = torch.where(present.unsqueeze(-1), v, u.unsqueeze(0).to(v.dtype))
         zero = v.new_zeros(())
         return v_full, None, present, zero, zero
 
@@ -234,6 +259,19 @@ class OmniFuse(nn.Module):
             latents = self.imputer.forward_cra(v_full.flatten(1))[1]
         return self._joint(v_full, latents)
 
+    def draw_present(
+        self, observed: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The mask :meth:`forward` would feed: the imputer's supervision drop in training.
+
+        Draw it outside a compiled region and pass it as ``present``: the step then traces as
+        one graph, and ``forward(..., present=None)`` would have drawn the very same mask from
+        the same RNG state (so eager, compiled and resumed runs agree).
+        """
+        if self.imputer is None:
+            return observed
+        return self.imputer.draw_present(observed, generator)
+
     def forward(
         self,
         views: Sequence[torch.Tensor],
@@ -244,13 +282,15 @@ class OmniFuse(nn.Module):
         """Run the model; with ``labels``, also the terms of eq. 18.
 
         Args:
-            views: one float tensor ``[B, D_m]`` per view (missing rows zero-filled).
+            views: one float tensor ``[B, D_m]`` per view. Rows that ``observed`` marks missing
+                may hold anything (zeros, NaN, inf): they change no value and no gradient.
             observed: bool ``[B, M]``, which views are real (no all-false row).
-            labels: int64 ``[B]``; when given, ``losses`` holds every enabled term.
+            labels: int64 ``[B]`` (float ``[B, C]`` 0/1 with ``multilabel=True``); when
+                given, ``losses`` holds every enabled term.
             present: feed exactly this mask (within ``observed``) instead of drawing the
-                imputer's supervision drop.
+                imputer's supervision drop (see :meth:`draw_present`).
         """
-        v = self.embed(views)
+        v = self.embed(views, observed)
         u = self.missing_embeddings()
         v_full, latents, present, l_fwd, l_bwd = self._complete(v, observed, u, present)
         z = torch.stack([h(v_full[:, i]) for i, h in enumerate(self.heads)], dim=1)
@@ -262,6 +302,7 @@ class OmniFuse(nn.Module):
         return OmniFuseOutput(o, z, comb, present, v, v_full, losses)
 
     def _objective(self, v, observed, u, z, o, comb, labels, l_fwd, l_bwd):
+        self.dwfuse.check_labels(labels, o)
         l1, l2, l3 = self.lambdas
         losses: dict[str, torch.Tensor] = {}
         total = o.new_zeros(())
@@ -288,31 +329,28 @@ class OmniFuse(nn.Module):
 
     # ----------------------------------------------------------------- TLA
     def _tla_term(self, v, observed, u, o, comb, labels) -> torch.Tensor:
-        if self.miner.mode == "observed" and labels.dim() == 2:
-            return _multilabel_tla_loss(o, labels, comb, self.miner.lazy)
+        # Branch-free on the lazy id (a buffer, never read on the host): one graph under
+        # torch.compile. Before the first mining the id is 0, no sample matches: a real 0.
+        self.miner.check_lazy()
+        if not torch.compiler.is_compiling() and self.miner.lazy is None:
+            return o.new_zeros(())  # eager, before the first mining: a constant 0, no graph
+        lazy = self.miner.lazy_id
         if self.miner.mode == "observed":
+            if labels.dim() == 2:
+                return _multilabel_tla_loss(o, labels, comb == lazy)
             return self.miner.loss(o, labels, comb)
-        lazy = self.miner.lazy
-        if lazy is None:
-            return o.new_zeros(())
-        # subsets: samples whose observed set contains lazy, predicted from lazy alone
-        obs_comb = combination_ids(observed, backend=self.backend)
-        idx = torch.nonzero(contains(obs_comb, lazy)).flatten()
-        if idx.numel() == 0:
-            return o.new_zeros(())
-        bits = (lazy >> torch.arange(self.num_modalities, device=v.device)) & 1
-        present = bits.bool().unsqueeze(0).expand(idx.numel(), -1)
-        v_full, latents, _, _, _ = self._complete(v[idx], observed[idx], u, present, losses=False)
+        # subsets: samples whose observed set contains lazy, predicted from lazy alone. Every
+        # row runs (no data-dependent shape); rows that do not contain lazy are fed their own
+        # observed set and masked out of the mean.
+        hit = contains(combination_ids(observed, backend=self.backend), lazy) & (lazy > 0)
+        bits = ((lazy >> torch.arange(self.num_modalities, device=v.device)) & 1).bool()
+        present = torch.where(hit.unsqueeze(1), bits.unsqueeze(0), observed)
+        v_full, latents, _, _, _ = self._complete(v, observed, u, present, losses=False)
         logits = self._joint(v_full, latents)
-        if labels.dim() == 2:  # every row here is fed exactly lazy's modalities
-            return joint_cross_entropy(logits, labels[idx])
-        return tla_loss(
-            logits,
-            labels[idx],
-            obs_comb[idx].new_full((idx.numel(),), lazy),
-            lazy,
-            backend=self.backend,
-        )
+        if labels.dim() == 2:
+            return _multilabel_tla_loss(logits, labels, hit)
+        ids = torch.where(hit, 1, 2)  # eq. 17 over the hit rows: "combination 1" stands for them
+        return tla_loss(logits, labels, ids, 1, backend=self.backend)
 
     @torch.no_grad()
     def tla_observe(
@@ -336,16 +374,29 @@ class OmniFuse(nn.Module):
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
-    def predict_proba(self, views: Sequence[torch.Tensor], observed: torch.Tensor) -> torch.Tensor:
+    def predict_proba(
+        self, views: Sequence[torch.Tensor], observed: torch.Tensor, reading: str = "joint"
+    ) -> torch.Tensor:
         """``softmax(o)`` ``[B, C]`` (``sigmoid(o)`` multilabel) in eval mode.
 
-        Only the forward imputation runs.
+        Only the forward imputation runs. ``reading="imputed"`` is an optional reading in
+        which the imputed embeddings reach the prediction: the mean of ``softmax(o)`` and the
+        M unimodal heads' ``softmax(z_m)``, where ``z_m`` reads ``v_full`` (the imputed ``v'``
+        for a missing modality, ``u`` without IMP-forward). The paper predicts with ``o``
+        alone ("joint", the default), which with DWFuse reads the cascade's latents only.
         """
+        _checks.choice("reading", reading, ("joint", "imputed"))
         was = self.training
         self.eval()
         try:
-            o = self.forward(views, observed).joint_logits.float()
-            return torch.sigmoid(o) if self.multilabel else F.softmax(o, dim=1)
+            out = self.forward(views, observed)
+            act = torch.sigmoid if self.multilabel else (lambda t: F.softmax(t, dim=-1))
+            proba = act(out.joint_logits.float())
+            if reading == "imputed":  # (p_o + sum_m p_m) / (M + 1)
+                proba = (proba + act(out.modality_logits.float()).sum(1)) / (
+                    1 + self.num_modalities
+                )
+            return proba
         finally:
             self.train(was)
 
@@ -377,12 +428,8 @@ def _multilabel_tla_update(
 
 
 def _multilabel_tla_loss(
-    logits: torch.Tensor, labels: torch.Tensor, comb: torch.Tensor, lazy: int | None
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Eq. 17 with BCE: the joint BCE over the samples fed ``lazy``; a real 0 when none."""
-    if lazy is None:
-        return logits.new_zeros(())
-    mask = comb == lazy
-    if not bool(mask.any()):
-        return logits.new_zeros(())
-    return joint_cross_entropy(logits[mask], labels[mask])
+    """Eq. 17 with BCE: the joint BCE over the samples of ``mask [B]``; a real 0 when none."""
+    bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+    return masked_mean(bce.mean(dim=1), mask).to(logits.dtype)

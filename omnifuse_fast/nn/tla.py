@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from omnifuse_fast import _checks
+from omnifuse_fast.nn import _inputs
 from omnifuse_fast.ops import combination_ids, tla_loss, tla_stats
 
 REDUCTIONS = ("mean", "sum")
@@ -34,9 +35,16 @@ def expand_subsets(observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return rows, bits[idx].bool(), combos[idx]
 
 
-def contains(comb: torch.Tensor, lazy: int) -> torch.Tensor:
+def contains(comb: torch.Tensor, lazy: int | torch.Tensor) -> torch.Tensor:
     """bool ``[B]``: the samples whose combination holds every modality of ``lazy``."""
     return (comb & lazy) == lazy
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values [B]`` over ``mask [B]``; a real 0 (zero gradient) when nothing is
+    selected. A select, so unselected entries may hold anything; no data-dependent shape."""
+    picked = torch.where(mask, values, 0.0)
+    return picked.sum() / mask.sum().clamp_min(1).to(picked.dtype)
 
 
 class TLAMiner(nn.Module):
@@ -86,9 +94,33 @@ class TLAMiner(nn.Module):
 
     @property
     def lazy(self) -> int | None:
-        """The lazy combination id of the last mining, or None before the first."""
+        """The lazy combination id of the last mining, or None before the first.
+
+        Settable (an id in ``1 .. 2**M - 1``, or None to clear it). Reading it syncs with the
+        device: the loss reads the ``lazy_id`` buffer instead, so it traces as one graph.
+        """
         value = int(self.lazy_id)
         return value if value > 0 else None
+
+    @lazy.setter
+    def lazy(self, value: int | None) -> None:
+        value = 0 if value is None else _inputs.lazy_id("lazy", value, self.num_modalities)
+        self.lazy_id.fill_(value)
+
+    def check_lazy(self) -> None:
+        """Value check: ``lazy_id`` names a combination of this miner's M modalities.
+
+        An id >= 2**M (set by hand, or loaded from another model's state) would otherwise
+        match no sample and silently make the TLA loss 0.
+        """
+        if _checks.value_checks_enabled():
+            _inputs.lazy_id("lazy_id", int(self.lazy_id), self.num_modalities)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        bins = 1 << self.num_modalities
+        if self.sums.numel() == bins:  # a shape mismatch is reported by the caller
+            self.check_lazy()
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, comb: torch.Tensor) -> None:
@@ -128,11 +160,27 @@ class TLAMiner(nn.Module):
         return winner
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-        """Eq. 17: CE over the samples with ``comb == lazy``; a real 0 before the first mining."""
-        lazy = self.lazy
-        if lazy is None:
+        """Eq. 17: CE over the samples with ``comb == lazy``; a real 0 before the first mining.
+
+        Args:
+            logits: joint logits ``[B, C]``.
+            labels: int64 ``[B]``.
+            comb: combination ids ``[B]`` of what the model was fed: ``combination_ids`` of
+                the imputer's ``present`` (after the supervision drop), not of ``observed``.
+
+        Reads the lazy id as a tensor (no host sync, one graph under ``torch.compile``).
+        """
+        _checks.logits2("logits", logits)
+        _checks.comb_ids("comb", comb, logits.shape[0], self.num_modalities)
+        self.check_lazy()
+        if not torch.compiler.is_compiling() and self.lazy is None:
+            # eager, before the first mining: a constant 0 with no graph, as it always was (a
+            # NaN gradient from elsewhere must not reach the logits through a zero term)
             return logits.new_zeros(())
-        return tla_loss(logits, labels, comb, lazy, backend=self.backend)
+        # Eq. 17 through the op with a fixed id: the samples of the lazy combination become
+        # "combination 1", the others 2. Before the first mining lazy_id is 0: none matches.
+        ids = torch.where(comb == self.lazy_id, 1, 2)
+        return tla_loss(logits, labels, ids, 1, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (

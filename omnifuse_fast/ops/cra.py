@@ -38,7 +38,8 @@ def cra_forward(
     """
     _checks.floating("x", x, ndim=2, shape=(None, None))
     bsz, feat = x.shape
-    _checks.floating("w1", w1, ndim=3, shape=(None, None, feat))
+    _checks.floating("w1", w1, ndim=3, shape=(None, None, None))
+    _checks.cra_width(x, w1)
     k, h, _ = w1.shape
     if k < 1 or h < 1:
         raise ValueError(f"w1 must have K >= 1 and H >= 1, got shape {tuple(w1.shape)}")

@@ -7,10 +7,32 @@ import torch
 from omnifuse_fast import _checks, _dispatch
 
 
-def _validate(logits: torch.Tensor, labels: torch.Tensor, beta: float):
+def multilabel_flag(labels: object, multilabel: bool) -> None:
+    """Float ``[B, C]`` labels if and only if ``multilabel=True`` (SPEC section 8)."""
+    if not isinstance(multilabel, bool):
+        raise TypeError(f"multilabel must be a bool, got {type(multilabel).__name__}")
+    if not isinstance(labels, torch.Tensor):
+        return  # the label check names the type
+    if labels.is_floating_point() and labels.dim() == 2 and not multilabel:
+        raise ValueError(
+            f"labels is a float tensor of shape {tuple(labels.shape)} but multilabel=False: "
+            "for one class per sample pass int64 class indices [B] (e.g. labels.argmax(1) "
+            "for one-hot rows); for 0/1 indicators [B, C] (several labels per sample) pass "
+            "multilabel=True"
+        )
+    if multilabel and not labels.is_floating_point():
+        raise ValueError(
+            f"multilabel=True needs float 0/1 indicators [B, C], got labels of dtype "
+            f"{labels.dtype} and shape {tuple(labels.shape)}: pass labels.float() of shape "
+            "[B, C], or class indices [B] with multilabel=False"
+        )
+
+
+def _validate(logits: torch.Tensor, labels: torch.Tensor, beta: float, multilabel: bool):
     _checks.logits3("modality_logits", logits)
     bsz, _, ncls = logits.shape
     _checks.tensor("labels", labels)
+    multilabel_flag(labels, multilabel)
     # the device check reads no data: before any value check reads labels
     device = _checks.same_device(modality_logits=logits, labels=labels)
     multilabel = _checks.labels_any("labels", labels, bsz, ncls)
@@ -26,18 +48,21 @@ def dwfuse_weights(
     labels: torch.Tensor,
     beta: float = 0.5,
     backend: str = "auto",
+    *,
+    multilabel: bool = False,
 ) -> torch.Tensor:
     """Eq. 10: ``omega_{b,m} = prod_{n != m} (1 - p_{b,n})^(beta/(M-1))``, computed in log space.
 
     Args:
         modality_logits: ``[B, M, C]`` per-modality logits.
-        labels: int64 ``[B]`` (multiclass) or float ``[B, C]`` of 0/1 (multilabel).
+        labels: int64 ``[B]`` class indices, or with ``multilabel=True`` float ``[B, C]`` of 0/1.
         beta: down-weighting strength, >= 0.
+        multilabel: labels are 0/1 indicators (float labels without it are refused).
 
     Returns:
         ``omega [B, M]`` (``[B, M, C]`` multilabel) in the logits' dtype.
     """
-    labels, beta, device = _validate(modality_logits, labels, beta)
+    labels, beta, device = _validate(modality_logits, labels, beta, multilabel)
     impl = _dispatch.resolve("dwfuse_weights", backend, device).impl
     return impl(modality_logits, labels, beta)
 
@@ -48,13 +73,17 @@ def dwfuse_loss(
     beta: float = 0.5,
     detach_weight: bool = True,
     backend: str = "auto",
+    *,
+    multilabel: bool = False,
 ) -> torch.Tensor:
     """Eq. 12: ``L_enc = (1/B) sum_b sum_m omega_{b,m} CE(z_{b,m}, y_b)``.
 
-    Multilabel: binary cross-entropy per label, weighted per label, averaged over labels.
-    With ``detach_weight=True`` (default) omega is a stop-gradient coefficient.
+    ``labels``: int64 ``[B]``, or with ``multilabel=True`` float 0/1 ``[B, C]`` (binary
+    cross-entropy per label, weighted per label, averaged over labels; float labels without
+    ``multilabel=True`` are refused). With ``detach_weight=True`` (default) omega is a
+    stop-gradient coefficient. Returns a scalar in the logits' dtype.
     """
-    labels, beta, device = _validate(modality_logits, labels, beta)
+    labels, beta, device = _validate(modality_logits, labels, beta, multilabel)
     if not isinstance(detach_weight, bool):
         raise TypeError(f"detach_weight must be a bool, got {type(detach_weight).__name__}")
     impl = _dispatch.resolve("dwfuse_loss", backend, device).impl

@@ -1,6 +1,7 @@
 """DWFuse (SPEC section 2): weights from the other modalities' complements, in log space.
 
-Multiclass: ``log(1 - p) = logsumexp_{c != y} z_c - logsumexp_c z_c`` (exact for p in [0, 1]).
+Multiclass: ``log(1 - p) = logsumexp_{c != y} z_c - logsumexp_c z_c`` (exact for p in [0, 1]),
+with ``z`` shifted by its row max first so that large logits lose no precision.
 Multilabel: per label, ``1 - p`` is the probability of the wrong value, so
 ``log(1 - p) = logsigmoid(z)`` if the label is 0 and ``logsigmoid(-z)`` if it is 1.
 ``omega_{b,m} = exp(beta / (M - 1) * sum_{n != m} log(1 - p_{b,n}))``.
@@ -30,6 +31,9 @@ def _log_complement_and_ce(
         ce = F.binary_cross_entropy_with_logits(z, y.expand_as(z), reduction="none")
         return log_comp, ce
     index = labels.view(-1, 1, 1).expand(-1, z.shape[1], 1)  # [B, M, 1]
+    # Shift by the row max first: both logsumexps are then O(log C), so their difference keeps
+    # full precision (two absolute logsumexps at |z| ~ 1e4 lose ulp(1e4) ~ 1e-3 in fp32).
+    z = z - z.amax(dim=-1, keepdim=True).detach()
     lse_all = torch.logsumexp(z, dim=-1)  # [B, M]
     z_true = z.gather(-1, index).squeeze(-1)  # [B, M]
     others = z.scatter(-1, index, float("-inf"))  # mask out the true class

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 FORMAT = 1
+CHECKPOINT = "checkpoint.pt"  # a run directory's checkpoint file
 REQUIRED = ("format", "config", "epoch", "model", "optimizer", "rng", "history")
 
 
@@ -46,6 +47,14 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed :func:`save_checkpoint` left in ``out_dir``."""
+    stale = sorted(Path(out_dir).glob(f".{CHECKPOINT}.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from omnifuse_fast._dispatch import BACKENDS
+from omnifuse_fast.data.corruption import Corruption
 
 METHODS = ("omnifuse", "concat", "mm", "mimo")
 
@@ -26,6 +27,9 @@ class TrainConfig:
     missing_rate: float = 0.5
     noise_views: tuple[str, ...] = ()
     noise_std: float = 0.0
+    corruption: str = "none"  # per-sample low quality (docs/CORRUPTION.md), on every split
+    corrupt_views: int = 1
+    corrupt_std: float | None = None
     # optimization
     epochs: int = 40
     batch_size: int = 64
@@ -58,6 +62,10 @@ class TrainConfig:
     mimo_mode: str = "mimo"
     backend: str = "auto"
     device: str = "cpu"
+    # the step: torch.compile of its forward and losses (backward through AOT autograd), and
+    # how often the loss terms are checked for NaN/inf (one host sync per check)
+    compile: bool = False
+    check_every: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -70,6 +78,7 @@ class TrainConfig:
             self.lambdas = (1.0, 1.0, 1.0)
         _check(0.0 <= self.missing_rate < 1.0, "missing_rate", "in [0, 1)", self.missing_rate)
         _check(self.noise_std >= 0.0, "noise_std", ">= 0", self.noise_std)
+        Corruption(self.corruption, self.corrupt_views, self.corrupt_std)  # names a bad field
         self.noise_views = tuple(self.noise_views)
         self.lambdas = tuple(float(v) for v in self.lambdas)  # type: ignore[assignment]
         for name in ("epochs", "batch_size", "dim", "hidden", "num_blocks"):
@@ -98,6 +107,8 @@ class TrainConfig:
         _check(self.mimo_mode in ("mimo", "mgda"), "mimo_mode", "'mimo' or 'mgda'")
         _check(self.tla_mode in ("observed", "subsets"), "tla_mode", "'observed' or 'subsets'")
         _check(self.backend == "auto" or self.backend in BACKENDS, "backend", f"auto or {BACKENDS}")
+        _check(isinstance(self.compile, bool), "compile", "True or False", self.compile)
+        _check(_is_int(self.check_every) and self.check_every >= 1, "check_every", ">= 1")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (stored in checkpoints and metrics.json)."""

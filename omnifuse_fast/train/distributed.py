@@ -190,10 +190,50 @@ def global_terms(
     packed = all_reduce_sum(torch.cat([local_s, local_n]))
     total_s, total_n = packed[: len(names)], packed[len(names) :]
     safe_n = total_n.clamp_min(1.0)
-    values = torch.where(total_n > 0, total_s / safe_n, torch.zeros_like(total_s))
+    # n = 0: the sum is 0 (nothing to average), unless a term was NaN/inf, which stays visible
+    values = torch.where(total_n > 0, total_s / safe_n, total_s)
     world = dist.get_world_size() if dist.is_initialized() else 1
     weights = world * local_n / safe_n
     return dict(zip(names, values)), dict(zip(names, weights))
+
+
+def rank_share(
+    model: nn.Module,
+    out,
+    observed: torch.Tensor,
+    terms: dict[str, torch.Tensor],
+    real: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """This rank's share of a global batch's objective, and the global values of its terms.
+
+    Args:
+        model: the model (its eq. 18 coefficients and TLA miner).
+        out: the model's output on this rank's shard (``out.losses``: eq. 18's terms).
+        observed: the shard's observed mask.
+        terms: ``out.losses`` plus per-sample extras (MM learning's ``mix``, MIMO's
+            ``modality m``), each a mean over the shard, graph attached.
+        real: False for a zero-weight stand-in shard.
+
+    Returns:
+        ``(values, shares)``: ``values`` holds every term's global value (detached, fp64: what
+        one process logs for the global batch; ``dwfuse`` and ``total`` re-summed from the
+        leaves); ``shares`` the terms this rank back-propagates, ``total`` as
+        ``sum_t c_t w_t term_t`` and each extra as ``w * term`` with ``w = world * n_r / n``,
+        so that DDP's mean over the ranks is the gradient of the global-batch objective.
+    """
+    leaves = {k: v for k, v in terms.items() if k in LEAVES}
+    extras = {k: v for k, v in terms.items() if k not in out.losses}
+    counts = leaf_counts(model, out, observed)
+    n = torch.tensor(observed.shape[0], device=observed.device)
+    counts.update(dict.fromkeys(extras, n))
+    values, weights = global_terms({**leaves, **extras}, counts, real)
+    coef = objective_coefficients(model)
+    shares = {k: weights[k] * v for k, v in extras.items()}
+    shares["total"] = sum(coef[k] * weights[k] * v for k, v in leaves.items())
+    values["total"] = sum(coef[k] * values[k] for k in leaves)
+    if "dwfuse" in out.losses:
+        values["dwfuse"] = values["enc"] + model.dwfuse.alpha * values["ra"]
+    return values, shares
 
 
 class DistributedMIMOBalancer(MIMOBalancer):

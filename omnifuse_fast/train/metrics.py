@@ -1,8 +1,11 @@
-"""Classification metrics: accuracy and macro one-vs-rest AUROC."""
+"""Classification metrics (accuracy, macro one-vs-rest AUROC) and a run's metrics file."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,3 +44,30 @@ def macro_auroc(proba: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndar
     if classes.size < 2:
         return math.nan
     return float(np.mean([roc_auc_score(y == c, p[:, c]) for c in classes]))
+
+
+METRICS = "metrics.json"
+CURVE = "training_curve.png"
+
+
+def write_metrics(
+    out_dir: str | Path, result: dict[str, Any], config: dict[str, Any], history: list[dict]
+) -> Path:
+    """Write ``out_dir/metrics.json`` (the result, the config, the per-epoch history) and the
+    training curve; returns the metrics file."""
+    from omnifuse_fast.train.plot import save_training_curve
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / METRICS
+    path.write_text(json.dumps({**result, "config": config, "history": history}, indent=2) + "\n")
+    if history:
+        save_training_curve(history, out_dir / CURVE, title=config.get("method", ""))
+    return path
+
+
+def add_to_metrics(out_dir: str | Path, info: dict[str, Any]) -> None:
+    """Merge ``info`` into ``out_dir/metrics.json`` (nothing when there is none)."""
+    path = Path(out_dir) / METRICS
+    if path.is_file():
+        path.write_text(json.dumps({**json.loads(path.read_text()), **info}, indent=2) + "\n")

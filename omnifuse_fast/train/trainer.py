@@ -6,21 +6,24 @@ Everything random (the shuffle generator, the mixer's generator, the global torc
 python states that drive the imputer's supervision drop) is in the checkpoint, so training
 N epochs straight and training k, stopping and resuming to N give the same bits on CPU.
 
-Under ``torchrun`` (``WORLD_SIZE > 1``) the trainer joins the process group and trains with
+One step path (:meth:`Trainer._step`) serves one process and a ``torchrun`` job alike: one
+process is world size 1, whose shard of each global batch is the whole batch. Under
+``torchrun`` (``WORLD_SIZE > 1``) the trainer joins the process group and trains with
 DistributedDataParallel on contiguous shards of each global batch: the same steps as one
 process with the same ``batch_size`` (see :mod:`omnifuse_fast.train.distributed`). Rank 0
 alone logs, checkpoints and writes the outputs.
 
-Every step checks the loss terms of eq. 18 for non-finite values (one device sync) and stops
-with :class:`NonFiniteLossError`, naming the step and the term, before the bad update.
+Every step's loss terms of eq. 18 are checked for non-finite values: by default before its
+update (one device sync per step), or every ``check_every`` steps with no sync in between. A
+bad term stops training with :class:`NonFiniteLossError`, naming the step and the term
+(:mod:`omnifuse_fast.train.finite`). ``compile=True`` runs the step's forward and losses
+through ``torch.compile`` (the backward through AOT autograd), on this same path.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import json
-import math
 import random
 import sys
 import time
@@ -37,54 +40,34 @@ from omnifuse_fast.nn.dwfuse import joint_cross_entropy
 from omnifuse_fast.nn.imputer import supervision_drop
 from omnifuse_fast.ops import soft_cross_entropy
 from omnifuse_fast.train.checkpoint import (
+    CHECKPOINT,
     FORMAT,
     load_checkpoint,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from omnifuse_fast.train.config import TrainConfig
 from omnifuse_fast.train.distributed import (
-    LEAVES,
     DistContext,
     DistributedMIMOBalancer,
-    global_terms,
-    leaf_counts,
-    objective_coefficients,
+    rank_share,
     setup,
     teardown,
 )
-from omnifuse_fast.train.metrics import accuracy, macro_auroc
-from omnifuse_fast.train.plot import save_training_curve
+from omnifuse_fast.train.finite import (
+    FiniteMonitor,
+    NonFiniteInputError,
+    NonFiniteLossError,
+    diagnose,
+)
+from omnifuse_fast.train.metrics import accuracy, macro_auroc, write_metrics
 from omnifuse_fast.train.schedule import select_strong
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.json"
-CURVE = "training_curve.png"
+__all__ = ["NonFiniteLossError", "Trainer", "build_model", "load_data"]
+
 EVAL_BATCH = 1024
-
-# What each logged term is, for the non-finite-loss error.
-TERM_DOC = {
-    "forward": "L_forward, forward imputation (eq. 7)",
-    "backward": "L_backward, backward imputation (eq. 8; lambda1 in eq. 18)",
-    "enc": "L_enc, DWFuse's weighted unimodal CE (eq. 12, in lambda2 * L_DWFuse)",
-    "ra": "L_ra, the joint head's CE (eq. 13, in lambda2 * L_DWFuse)",
-    "dwfuse": "L_DWFuse (eq. 14; lambda2 in eq. 18)",
-    "ce": "CE of the joint head (the lambda2 term of eq. 18 without DWFuse)",
-    "tla": "L_TLA (eq. 17; lambda3 in eq. 18)",
-    "total": "L, the joint objective (eq. 18)",
-    "mix": "MM learning's soft-label CE on mixed samples",
-    "objective": "the step's objective",
-}
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or infinite; the message names the step and the term."""
-
-
-def _temp_checkpoints(out_dir: Path) -> list[Path]:
-    """Temporary files a killed :func:`save_checkpoint` left behind in ``out_dir``."""
-    return sorted(out_dir.glob(f".{CHECKPOINT}.*.tmp"))
 
 
 class _ShardStep(torch.nn.Module):
@@ -125,27 +108,18 @@ def build_model(
     )
 
 
-def resolved_backend(backend: str, device: torch.device) -> str:
-    """The backend ``"auto"`` picks for the CRA op on ``device`` (or ``backend`` itself)."""
-    if backend != "auto":
-        return backend
-    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
-    for name in order:
-        if _dispatch.unavailable_reason("cra_forward", name, device) is None:
-            return name
-    return "reference"
-
-
 def load_data(config: TrainConfig) -> dict[str, Any]:
     """The built-in data with the config's corruption (missing rate, noise)."""
     from omnifuse_fast.data import prepare_mfeat
+    from omnifuse_fast.data.corruption import corrupt_for_config
 
-    return prepare_mfeat(
+    splits = prepare_mfeat(
         missing_rate=config.missing_rate,
         noise_views=config.noise_views,
         noise_std=config.noise_std,
         seed=config.seed,
     )
+    return corrupt_for_config(splits, config)  # --corruption (none: unchanged)
 
 
 class Trainer:
@@ -160,7 +134,7 @@ class Trainer:
         distributed: this rank's place in a job; None reads ``torchrun``'s environment
             (and initializes the process group when ``WORLD_SIZE > 1``).
         check_finite: stop with :class:`NonFiniteLossError` at the first non-finite loss
-            term (one device sync per step; on by default).
+            term (on by default; one device sync every ``config.check_every`` steps).
     """
 
     def __init__(
@@ -203,15 +177,19 @@ class Trainer:
             shared, heads, fusion = self.model.parameter_groups()
             kind = DistributedMIMOBalancer if self.dist.enabled else MIMOBalancer
             self.balancer = kind(shared, heads, fusion, config.mimo_mode, config.backend)
+        self.finite = FiniteMonitor(config.check_every)
+        # the step's forward and losses, compiled when asked (graph breaks fall back to eager)
+        self._loss_fn = torch.compile(self._losses) if config.compile else self._losses
         self.ddp: torch.nn.Module | None = None
         if self.dist.enabled:
             self.ddp = self._wrap_ddp()
         self.epoch = 0
-        self._step_index = 0  # within the epoch, for error messages
         self.history: list[dict[str, Any]] = []
         self.pool: torch.Tensor | None = None  # MM learning's selected samples (stage 2)
         self.best: dict[str, Any] | None = None
         self.train_seconds = 0.0
+        # per op family, the backends that ran in this process's training steps
+        self.backends_train: dict[str, set[str]] = {}
         self._bar: Any = None
 
     # ------------------------------------------------------------------ setup
@@ -230,7 +208,7 @@ class Trainer:
         params = inspect.signature(DistributedDataParallel.__init__).parameters
         sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
         return DistributedDataParallel(
-            _ShardStep(model, self._shard_loss),
+            _ShardStep(model, self._loss_fn),
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=unused,
             **{sync: False},
@@ -265,17 +243,14 @@ class Trainer:
         log: Callable[[str], None] | None = None,
     ) -> Trainer:
         """Rebuild a run from ``out_dir/checkpoint.pt``; ``epochs`` extends (or sets) its end."""
-        path = Path(out_dir) / CHECKPOINT
-        state = load_checkpoint(path)
+        state = load_checkpoint(Path(out_dir) / CHECKPOINT)
         values = dict(state["config"])
         if epochs is not None:
             values["epochs"] = epochs
-        config = TrainConfig.from_dict(values)
-        trainer = cls(config, out_dir, splits, progress, log)
+        trainer = cls(TrainConfig.from_dict(values), out_dir, splits, progress, log)
         trainer.load_state_dict(state)
         if trainer.dist.is_main:  # a write killed mid-way leaves its temporary file behind
-            for stale in _temp_checkpoints(Path(out_dir)):
-                stale.unlink(missing_ok=True)
+            remove_stale_temporaries(out_dir)
         return trainer
 
     # ------------------------------------------------------------------ state
@@ -309,11 +284,15 @@ class Trainer:
         self.best = state.get("best")
         self.train_seconds = float(state.get("train_seconds", 0.0))
 
+    def _checkpoint_path(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / CHECKPOINT
+
     def save(self) -> Path | None:
         """Write the checkpoint atomically (nothing without ``out_dir``, or off rank 0)."""
-        if self.out_dir is None or not self.dist.is_main:
+        path = self._checkpoint_path()
+        if path is None or not self.dist.is_main:
             return None
-        return save_checkpoint(self.state_dict(), self.out_dir / CHECKPOINT)
+        return save_checkpoint(self.state_dict(), path)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -336,20 +315,16 @@ class Trainer:
     def _batch(self, split: Any, idx: torch.Tensor):
         return [v[idx] for v in split.views], split.observed[idx], split.labels[idx]
 
-    def _mix_loss(self, train: Any, batch_size: int) -> torch.Tensor:
-        """MM learning: soft CE of the joint head on modality-mixed pool samples."""
-        pick = self._mix_pick(batch_size)
-        return self._mix_rows(train, pick, slice(0, batch_size))
-
     def _mix_pick(self, batch_size: int) -> torch.Tensor:
         """Positions in the pool of the samples one step mixes (the shuffle generator)."""
         assert self.pool is not None
         return torch.randint(len(self.pool), (batch_size,), generator=self.shuffle)
 
-    def _mix_rows(self, train: Any, pick: torch.Tensor, rows: slice) -> torch.Tensor:
-        """Mix the picked pool samples (the whole global batch: mixing crosses samples), then
-        the soft CE of the mixed ``rows`` (a rank's shard; all of them in one process)."""
+    def _mix_rows(self, pick: torch.Tensor, rows: slice) -> torch.Tensor:
+        """MM learning: mix the picked pool samples (the whole global batch: mixing crosses
+        samples), then the soft CE of the joint head on the mixed ``rows`` (this rank's)."""
         assert self.pool is not None
+        train = self.splits["train"]
         views, observed, labels = self._batch(train, self.pool[pick].to(self.device))
         out = self.model(views, observed, present=observed)  # no drop: mix what was observed
         v_mix, soft = self.mixer(out.v_full, labels)
@@ -383,112 +358,49 @@ class Trainer:
         order = torch.randperm(len(train), generator=self.shuffle)
         sums: dict[str, torch.Tensor] = {}
         batches = 0
+        _dispatch.reset_backend_usage()  # what runs in these steps (not in validation)
         for step, start in enumerate(range(0, len(train), cfg.batch_size)):
-            batch = order[start : start + cfg.batch_size]
-            self._step_index = step
             try:
-                if self.dist.enabled:
-                    terms, out, observed, labels, real = self._distributed_step(
-                        train, batch, stage2
-                    )
-                else:
-                    terms, out, observed, labels, real = self._local_step(
-                        train, batch, stage2, step
-                    )
-            except ValueError as exc:  # e.g. an op refusing inf embeddings after a blow-up
-                self._diagnose(exc, step)
-                raise
+                terms, out, observed, labels, real = self._step(
+                    order[start : start + cfg.batch_size], stage2, step
+                )
+            except NonFiniteInputError as exc:  # e.g. an op refusing inf embeddings
+                if not self.check_finite:
+                    raise
+                try:  # a bad loss in an unchecked earlier step explains it best
+                    self.finite.flush(self._checkpoint_path())
+                except NonFiniteLossError as err:
+                    raise err from exc
+                raise diagnose(model, exc, self.epoch, step, self._checkpoint_path()) from exc
             self.optimizer.step()
             if model.use_tla and real:
                 model.tla_observe(out, observed, labels)
             for k, v in terms.items():  # on the device: no sync per term
                 sums[k] = sums[k] + v if k in sums else v.double()
             batches += 1
+        if self.check_finite:  # before the epoch's checkpoint
+            self.finite.flush(self._checkpoint_path())
+        for family, used in _dispatch.backend_usage().items():
+            self.backends_train.setdefault(family, set()).update(used.split("+"))
         return {k: float(v) / max(batches, 1) for k, v in sums.items()}
 
-    def _local_step(self, train: Any, batch: torch.Tensor, stage2: bool, step: int):
-        """One process, one batch: forward, finiteness check, backward (no optimizer step)."""
-        cfg, model = self.config, self.model
-        idx = batch.to(self.device)
-        views, observed, labels = self._batch(train, idx)
-        out = model(views, observed, labels)
-        loss = out.losses["total"]
-        terms = dict(out.losses)
-        if stage2:
-            mix = self._mix_loss(train, len(idx))
-            terms["mix"] = mix
-            loss = cfg.mm_mu * mix + (1.0 - cfg.mm_mu) * loss
-        per_modality = None
-        if self.balancer is not None:
-            per_modality = [
-                joint_cross_entropy(out.modality_logits[:, m].float(), labels)  # BCE multilabel
-                for m in range(model.num_modalities)
-            ]
-        checked = {**terms, "objective": loss}
-        for m, loss_m in enumerate(per_modality or ()):
-            checked[f"modality {m}"] = loss_m
-        self._check_finite(checked, step)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.balancer is not None:
-            assert per_modality is not None
-            terms["mimo_lambda"] = self.balancer.backward(loss, per_modality).weights[0]
-        else:
-            loss.backward()
-        terms["objective"] = loss
-        return {k: v.detach() for k, v in terms.items()}, out, observed, labels, True
-
-    def _check_finite(self, terms: dict[str, torch.Tensor], step: int) -> None:
-        """Raise :class:`NonFiniteLossError` naming the first bad term (one sync when fine)."""
-        if not self.check_finite:
-            return
-        values = torch.stack([v.detach().double().reshape(()) for v in terms.values()])
-        if bool(torch.isfinite(values).all()):
-            return
-        bad = [(k, v) for k, v in zip(terms, values.tolist()) if not math.isfinite(v)]
-        name, value = next(((k, v) for k, v in bad if k in LEAVES or k == "mix"), bad[0])
-        what = TERM_DOC.get(name, "the loss of a unimodal head (MIMO)")
-        others = ", ".join(k for k, _ in bad if k != name)
-        saved = self.out_dir / CHECKPOINT if self.out_dir is not None else None
-        raise NonFiniteLossError(
-            f"non-finite loss at epoch {self.epoch + 1}, step {step + 1}: "
-            f"term {name!r} = {value} ({what})"
-            + (f"; also non-finite: {others}" if others else "")
-            + ". Training stopped before the update; the last checkpoint"
-            + (f" ({saved})" if saved is not None else "")
-            + f" holds epoch {self.epoch}."
-        )
-
-    def _diagnose(self, exc: ValueError, step: int) -> None:
-        """Turn an op's "must be finite" refusal mid-training into a :class:`NonFiniteLossError`
-        that says where training went wrong (the data were checked when they were loaded)."""
-        if not self.check_finite or "finite" not in str(exc):
-            return
-        params = dict(self.model.named_parameters())
-        bad = [n for n, p in params.items() if not bool(torch.isfinite(p).all())]
-        if bad:
-            what = f"parameters hold NaN/inf after the previous update (first: {bad[0]})"
-        else:
-            name, p = max(params.items(), key=lambda kv: float(kv[1].detach().abs().max()))
-            what = (
-                f"the forward pass overflowed (largest |parameter| "
-                f"{float(p.detach().abs().max()):.3g}, in {name})"
-            )
-        raise NonFiniteLossError(
-            f"non-finite values at epoch {self.epoch + 1}, step {step + 1}: {what}; the op "
-            f"said: {exc}. Training stopped; the last checkpoint holds epoch {self.epoch}."
-        ) from exc
-
-    # ------------------------------------------------------------------ distributed step
     def _draw_present(self, observed: torch.Tensor) -> torch.Tensor:
-        """The imputer's supervision drop for a whole global batch (the global RNG, like the
-        model draws it in one process), so that every rank can take its slice."""
-        imputer = self.model.imputer
+        """The imputer's supervision drop for a whole global batch (the global RNG, as the
+        model would draw it), so that every rank can take its slice; a model without an
+        imputer is fed what was observed."""
+        imputer = getattr(self.model, "imputer", None)
         if imputer is None or not (imputer.use_forward or imputer.use_backward):
             return observed
         return supervision_drop(observed, imputer.drop_rate)
 
-    def _distributed_step(self, train: Any, batch: torch.Tensor, stage2: bool):
-        """This rank's shard of a global batch: forward, global terms and check, backward."""
+    def _step(self, batch: torch.Tensor, stage2: bool, step: int):
+        """One global batch: this rank's forward, the finiteness check, backward (no optimizer
+        step). One process is world size 1: its shard is the whole batch.
+
+        Returns ``(logged terms, detached model output, observed, labels, real)``: what the
+        TLA miner observes (nothing from a stand-in shard, ``real`` False).
+        """
+        train = self.splits["train"]
         local, rows = self.dist.shard(batch)
         real = len(local) > 0
         if not real:  # fewer samples than ranks: a zero-weight stand-in keeps DDP in step
@@ -498,72 +410,56 @@ class Trainer:
         pick = self._mix_pick(len(batch)) if stage2 else None
         self.optimizer.zero_grad(set_to_none=True)
         args = (views, observed, labels, present, real, pick, rows)
-        if self.balancer is not None:  # MIMO writes .grad itself, from all-reduced gradients
-            loss, per_modality, terms, out = self._shard_loss(*args)
-            world = self.dist.world_size
-            step = self.balancer.backward(loss / world, [m / world for m in per_modality])
-            terms["mimo_lambda"] = step.weights[0].to(self.device)
-            terms["objective"] = terms.pop("objective")
-        else:
-            assert self.ddp is not None
-            loss, _, terms, out = self.ddp(*args)
-            loss.backward()
-        return terms, out, observed, labels, real
-
-    def _shard_loss(self, views, observed, labels, present, real, pick, rows):
-        """``world * sum_t c_t * term_t * n_{r,t} / n_t`` on this rank (what DDP averages).
-
-        Returns ``(loss, weighted unimodal losses (MIMO) or None, global logged terms,
-        detached model output)``.
-        """
-        cfg, model, train = self.config, self.model, self.splits["train"]
-        out = model(views, observed, labels, present=present)
-        terms = {k: v for k, v in out.losses.items() if k in LEAVES}
-        counts = leaf_counts(model, out, observed)
-        n = torch.tensor(observed.shape[0], device=observed.device)
-        if pick is not None:
-            terms["mix"] = self._mix_rows(train, pick, rows)
-            counts["mix"] = n
-        per_modality: list[torch.Tensor] = []
+        # MIMO writes .grad itself (from all-reduced gradients): not through DDP's hooks
+        losses = self.ddp if self.ddp is not None and self.balancer is None else self._loss_fn
+        loss, per_modality, logged, checked, out = losses(*args)
+        if self.check_finite:  # no sync until check_every steps are due
+            self.finite.add(checked, self.epoch, step, self._checkpoint_path())
         if self.balancer is not None:
-            for m in range(model.num_modalities):
-                terms[f"modality {m}"] = joint_cross_entropy(
-                    out.modality_logits[:, m].float(), labels
-                )
-                counts[f"modality {m}"] = n
-        values, weights = global_terms(terms, counts, real)
-        coef = objective_coefficients(model)
-        total = sum(coef[k] * weights[k] * terms[k] for k in terms if k in LEAVES)
-        total_value = sum(coef[k] * values[k] for k in values if k in LEAVES)
-        logged: dict[str, torch.Tensor] = {}
-        for k in out.losses:  # the single-process keys, in its order
-            if k == "dwfuse":
-                logged[k] = values["enc"] + model.dwfuse.alpha * values["ra"]
-            elif k == "total":
-                logged[k] = total_value
-            else:
-                logged[k] = values[k]
-        loss, objective = total, total_value
+            world = self.dist.world_size  # each rank's share sums to the global loss
+            mimo = self.balancer.backward(loss / world, [m / world for m in per_modality])
+            logged["mimo_lambda"] = mimo.weights[0].to(self.device)
+            logged["objective"] = logged.pop("objective")
+        else:
+            loss.backward()
+        return logged, out, observed, labels, real
+
+    def _losses(self, views, observed, labels, present, real, pick, rows):
+        """The step's loss on this rank, what it logs and checks, and the model's output.
+
+        Returns ``(loss, MIMO's per-modality losses or None, logged terms (detached),
+        terms to check for finiteness, detached model output)``. With several ranks each
+        term is reweighted to this rank's share of the global batch
+        (:func:`~omnifuse_fast.train.distributed.rank_share`) and logged with its global value.
+        """
+        cfg, model = self.config, self.model
+        out = model(views, observed, labels, present=present)
+        terms = dict(out.losses)
+        if pick is not None:
+            terms["mix"] = self._mix_rows(pick, rows)
+        modalities = []  # MIMO's unimodal losses (BCE when multilabel)
+        if self.balancer is not None:
+            modalities = [f"modality {m}" for m in range(model.num_modalities)]
+            for m, name in enumerate(modalities):
+                terms[name] = joint_cross_entropy(out.modality_logits[:, m].float(), labels)
+        if self.dist.enabled:
+            values, terms = rank_share(model, out, observed, terms, real)
+        else:  # world size 1: every share is the whole term
+            values = {k: v.detach() for k, v in terms.items()}
+        loss, objective = terms["total"], values["total"]
+        if pick is not None:
+            loss = cfg.mm_mu * terms["mix"] + (1.0 - cfg.mm_mu) * loss
+            objective = cfg.mm_mu * values["mix"] + (1.0 - cfg.mm_mu) * objective
+        logged = {k: values[k] for k in out.losses}  # the model's keys, in its order
         if pick is not None:
             logged["mix"] = values["mix"]
-            mix = weights["mix"] * terms["mix"]
-            loss = cfg.mm_mu * mix + (1.0 - cfg.mm_mu) * total
-            objective = cfg.mm_mu * values["mix"] + (1.0 - cfg.mm_mu) * total_value
         logged["objective"] = objective
-        checked = {**logged, **{k: v for k, v in values.items() if k.startswith("modality")}}
-        self._check_finite(checked, self._step_index)
-        if self.balancer is not None:
-            per_modality = [
-                weights[f"modality {m}"] * terms[f"modality {m}"]
-                for m in range(model.num_modalities)
-            ]
+        per_modality = [terms[k] for k in modalities] or None
+        checked = {**logged, **{k: values[k] for k in modalities}}
         detached = out._replace(
-            **{
-                f: getattr(out, f).detach() for f in out._fields if torch.is_tensor(getattr(out, f))
-            },
-            losses={},
+            **{f: v.detach() for f, v in zip(out._fields, out) if torch.is_tensor(v)}, losses={}
         )
-        return loss, per_modality or None, {k: v.detach() for k, v in logged.items()}, detached
+        return loss, per_modality, logged, checked, detached
 
     def fit(self) -> dict[str, Any]:
         """Train from the current epoch to ``config.epochs``; test; write the outputs."""
@@ -646,8 +542,10 @@ class Trainer:
         if cfg.select_best and self.best is not None:
             final_state = copy.deepcopy(self.model.state_dict())
             self.model.load_state_dict(self.best["model"])
+        _dispatch.reset_backend_usage()
         val = self.evaluate(self.splits["val"])
         test = self.evaluate(self.splits["test"])
+        backends_eval = _dispatch.backend_usage()
         if final_state is not None:  # leave the trainer as training left it
             self.model.load_state_dict(final_state)
         result = {
@@ -660,7 +558,13 @@ class Trainer:
             "val_auroc": val["auroc"],
             "selected_epoch": self.best["epoch"] if cfg.select_best and self.best else self.epoch,
             "seconds": round(self.train_seconds, 3),
-            "backend": resolved_backend(cfg.backend, self.device),
+            "backend": cfg.backend,  # what was asked for; what ran, per op family:
+            "backends_train": {
+                f: "+".join(sorted(self.backends_train[f]))
+                for f in _dispatch.FAMILIES
+                if f in self.backends_train
+            },
+            "backends_eval": backends_eval,
             "lazy": self.model.miner.lazy if self.model.use_tla else None,
         }
         if self.balancer is not None:
@@ -668,9 +572,5 @@ class Trainer:
         if self.dist.enabled:
             result["world_size"] = self.dist.world_size
         if self.out_dir is not None and self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            metrics = {**result, "config": cfg.to_dict(), "history": self.history}
-            (self.out_dir / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
-            if self.history:
-                save_training_curve(self.history, self.out_dir / CURVE, title=cfg.method)
+            write_metrics(self.out_dir, result, cfg.to_dict(), self.history)
         return result

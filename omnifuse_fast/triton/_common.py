@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 
 import torch
 import triton
@@ -19,6 +18,8 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from triton.runtime.interpreter import InterpretedFunction, _patch_lang
 from triton.runtime.jit import JITFunction
+
+from omnifuse_fast import _dispatch
 
 
 def jit(fn) -> JITFunction:
@@ -101,9 +102,6 @@ def launch(kernel: JITFunction, grid: tuple, *args, **kwargs) -> None:
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
-_warned: set[str] = set()
-
-
 def fallback_reason(*tensors: torch.Tensor) -> str | None:
     """Why these inputs go to the reference path: fp64 (the kernels accumulate in fp32, and the
     reference keeps fp64 inputs in fp64). ``None`` when the kernels take them."""
@@ -112,19 +110,17 @@ def fallback_reason(*tensors: torch.Tensor) -> str | None:
     return None
 
 
-def warn_fallback(op: str, reason: str) -> None:
-    """Warn once per (op, reason) that ``op`` runs the reference path instead."""
-    key = f"{op}: {reason}"
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(f"triton {op} falls back to the reference: {reason}", stacklevel=3)
+def report_fallback(op: str, reason: str) -> None:
+    """Report that this call of ``op`` runs the reference path instead, and why (recorded by
+    the dispatcher, which also warns once per reason)."""
+    _dispatch.fallback(op, "triton", "reference", reason)
 
 
 def use_reference(op: str, *tensors: torch.Tensor) -> bool:
-    """True (after a one-time warning) when ``op`` must run the reference path for these inputs."""
+    """True (reported through the dispatcher) when ``op`` must run the reference for these."""
     reason = fallback_reason(*tensors)
     if reason is not None:
-        warn_fallback(op, reason)
+        report_fallback(op, reason)
     return reason is not None
 
 

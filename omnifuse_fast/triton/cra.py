@@ -45,7 +45,7 @@ from omnifuse_fast.triton._common import (
     jit,
     launch,
     next_pow2,
-    warn_fallback,
+    report_fallback,
 )
 
 MAX_F = 1024
@@ -450,7 +450,7 @@ def cra_forward(
     """``(s_K, concat(c_1..c_K))`` by the fused kernels (the reference beyond ``MAX_F``)."""
     reason = unsupported_reason(x, w1) or fallback_reason(x)
     if reason is not None:
-        warn_fallback("cra_forward", reason)
+        report_fallback("cra_forward", reason)
         return _reference.cra_forward(x, w1, b1, w2, b2, activation)
     params = (x, w1, b1, w2, b2)
     stash = torch.is_grad_enabled() and any(t.requires_grad for t in params)

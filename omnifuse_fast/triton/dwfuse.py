@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from omnifuse_fast import _dispatch
+from omnifuse_fast import _device_checks, _dispatch
 from omnifuse_fast.reference import dwfuse as _reference
 from omnifuse_fast.triton._common import (
     jit,
@@ -32,6 +32,7 @@ from omnifuse_fast.triton._common import (
     softplus,
     use_reference,
 )
+from omnifuse_fast.triton._flags import LABELS, LOGITS, MULTILABEL, flag_if, flag_nonfinite
 
 _TILE = 4096  # fp32 elements of one [BLOCK_B, M, BLOCK_C] tile
 
@@ -65,6 +66,7 @@ def _dwfuse_mc_kernel(
     y_ptr,
     out_ptr,
     gin_ptr,
+    flags_ptr,
     B,
     M,
     C,
@@ -72,6 +74,7 @@ def _dwfuse_mc_kernel(
     scale,
     MODE: tl.constexpr,  # 0 omega, 1 loss partials, 2 loss grad, 3 omega grad
     DETACH: tl.constexpr,
+    CHECK: tl.constexpr,  # report bad labels and logits in flags_ptr (the forward modes)
     BLOCK_B: tl.constexpr,
     MP: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -85,6 +88,8 @@ def _dwfuse_mc_kernel(
     row = b3 * M + m3
     zrow = z_ptr + row * C
     y = tl.load(y_ptr + b3, mask=b3 < B, other=0)
+    if CHECK:  # y is only compared with class ids, never an address: report, nothing to mask
+        flag_if(flags_ptr, LABELS, (b3 < B) & ((y < 0) | (y >= C)))
 
     ninf = float("-inf")
     m_all = tl.full([BLOCK_B, MP, 1], ninf, tl.float32)
@@ -95,6 +100,8 @@ def _dwfuse_mc_kernel(
     if ONE_TILE:
         ok = row_ok & (c3 < C)
         z = tl.load(zrow + c3, mask=ok, other=ninf).to(tl.float32)
+        if CHECK:
+            flag_nonfinite(flags_ptr, LOGITS, z, ok)
         is_y = c3 == y
         m_all, s_all = online_lse(m_all, s_all, z, 2)
         m_oth, s_oth = online_lse(m_oth, s_oth, tl.where(is_y, ninf, z), 2)
@@ -104,6 +111,8 @@ def _dwfuse_mc_kernel(
             cc = c0 + c3
             okc = row_ok & (cc < C)
             zc = tl.load(zrow + cc, mask=okc, other=ninf).to(tl.float32)
+            if CHECK:
+                flag_nonfinite(flags_ptr, LOGITS, zc, okc)
             is_yc = cc == y
             m_all, s_all = online_lse(m_all, s_all, zc, 2)
             m_oth, s_oth = online_lse(m_oth, s_oth, tl.where(is_yc, ninf, zc), 2)
@@ -151,6 +160,7 @@ def _dwfuse_ml_kernel(
     y_ptr,
     out_ptr,
     gin_ptr,
+    flags_ptr,
     B,
     M,
     C,
@@ -158,6 +168,7 @@ def _dwfuse_ml_kernel(
     scale,
     MODE: tl.constexpr,
     DETACH: tl.constexpr,
+    CHECK: tl.constexpr,
     BLOCK_B: tl.constexpr,
     MP: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -179,6 +190,9 @@ def _dwfuse_ml_kernel(
         ok = row_ok & (cc < C)
         z = tl.load(z_ptr + row * C + cc, mask=ok, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + b3 * C + cc, mask=(b3 < B) & (cc < C), other=0.0).to(tl.float32)
+        if CHECK:
+            flag_if(flags_ptr, MULTILABEL, (b3 < B) & (cc < C) & (y != 0.0) & (y != 1.0))
+            flag_nonfinite(flags_ptr, LOGITS, z, ok)
         sg = 1.0 - 2.0 * y  # +1 for label 0, -1 for label 1
         t = sg * z
         ce = tl.where(ok, softplus(t), 0.0)  # BCE with logits
@@ -214,16 +228,23 @@ def _config(logits: torch.Tensor) -> tuple[int, int, int, int]:
     return block_b, mp, block_c, triton.cdiv(bsz, block_b)
 
 
-def _launch(mode: int, logits, labels, out, gin, beta: float, detach: bool) -> None:
+def _launch(mode: int, logits, labels, out, gin, beta: float, detach: bool, flags=None) -> None:
+    """One kernel launch; with ``flags`` (the forward ops) the kernel reports bad labels."""
     bsz, m, c = logits.shape
     block_b, mp, block_c, programs = _config(logits)
-    common = dict(MODE=mode, DETACH=detach, BLOCK_B=block_b, MP=mp, BLOCK_C=block_c)
+    check = flags is not None
+    common = dict(MODE=mode, DETACH=detach, CHECK=check, BLOCK_B=block_b, MP=mp, BLOCK_C=block_c)
     common["num_warps"] = 4 if block_b * mp * block_c <= 2048 else 8
-    args = (logits, labels, out, gin, bsz, m, c, beta / (m - 1))
+    args = (logits, labels, out, gin, flags if check else out, bsz, m, c, beta / (m - 1))
     if labels.dim() == 2:
         launch(_dwfuse_ml_kernel, (programs,), *args, 1.0 / (bsz * c), **common)
     else:
         launch(_dwfuse_mc_kernel, (programs,), *args, 1.0 / bsz, ONE_TILE=block_c >= c, **common)
+
+
+def _raise_if_bad_values(flags: torch.Tensor, op: str, labels: torch.Tensor) -> None:
+    slot = _device_checks.MULTILABEL if labels.dim() == 2 else _device_checks.LABELS
+    _device_checks.raise_if_flagged(flags, op, slot, _device_checks.LOGITS)
 
 
 @triton_op("omnifuse_fast_triton::dwfuse_weights", mutates_args=())
@@ -231,7 +252,9 @@ def _weights_op(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torc
     logits, labels = logits.contiguous(), labels.contiguous()
     shape = logits.shape if labels.dim() == 2 else logits.shape[:2]
     omega = torch.empty(shape, dtype=logits.dtype, device=logits.device)
-    _launch(0, logits, labels, omega, omega, beta, True)
+    flags = _device_checks.new_flags(logits.device)
+    _launch(0, logits, labels, omega, omega, beta, True, flags)
+    _raise_if_bad_values(flags, "dwfuse_weights", labels)
     return omega
 
 
@@ -251,7 +274,9 @@ def _loss_op(
 ) -> torch.Tensor:
     logits, labels = logits.contiguous(), labels.contiguous()
     partials = torch.empty(_config(logits)[3], dtype=torch.float32, device=logits.device)
-    _launch(1, logits, labels, partials, partials, beta, detach_weight)
+    flags = _device_checks.new_flags(logits.device)
+    _launch(1, logits, labels, partials, partials, beta, detach_weight, flags)
+    _raise_if_bad_values(flags, "dwfuse_loss", labels)
     denom = logits.shape[0] * (logits.shape[2] if labels.dim() == 2 else 1)
     return (partials.sum() / denom).to(logits.dtype)
 

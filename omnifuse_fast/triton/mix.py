@@ -4,19 +4,13 @@
 (one program per block of mixed samples, all M modalities of each in the program, so "all
 sources share a label" is decided in registers and gives an exact hard label).
 
-Its backward is a scatter-add into ``v`` (several mixed rows may read one source). Two
-variants, chosen with :func:`set_scatter_mode`:
-
-* ``"deterministic"`` (default): sort-free. A one-program-per-modality scan links every mixed
-  row to the previous mixed row that read the same source (``prev``) and records the last one
-  (``last``); then one program per block of *source* rows walks its list and sums the rows in
-  a fixed order, in fp32, and writes each gradient row exactly once. Bitwise reproducible, no
-  fp32 scratch buffer, no zero fill, no cast pass; the scan is O(B) per modality.
-* ``"atomic"``: fp32 ``atomic_add`` of every mixed row into an fp32 buffer (then a cast for
-  bf16/fp16). Simple, but the summation order of repeated sources varies from run to run.
-
-The deterministic variant is the default: reproducible gradients matter more to the
-experiments than the few microseconds the scan costs, and it also moves fewer bytes.
+Its backward is a scatter-add into ``v`` (several mixed rows may read one source), done
+sort-free and deterministically: a one-program-per-modality scan links every mixed row to the
+previous mixed row that read the same source (``prev``) and records the last one (``last``);
+then one program per block of *source* rows walks its list and sums the rows in a fixed order,
+in fp32, and writes each gradient row exactly once. Bitwise reproducible, no fp32 scratch
+buffer, no zero fill, no cast pass; the scan is O(B) per modality. (An ``atomic_add`` variant
+was dropped: its summation order varies from run to run, and it moved more bytes.)
 """
 
 from __future__ import annotations
@@ -26,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from omnifuse_fast import _dispatch
+from omnifuse_fast import _device_checks, _dispatch
 from omnifuse_fast.reference import mix as _reference
 from omnifuse_fast.triton._common import (
     jit,
@@ -36,22 +30,18 @@ from omnifuse_fast.triton._common import (
     online_lse,
     use_reference,
 )
+from omnifuse_fast.triton._flags import (
+    LABELS,
+    LOGITS,
+    SIMPLEX_TOL,
+    SOFT_LABELS,
+    SRC,
+    WEIGHTS,
+    flag_if,
+    flag_nonfinite,
+)
 
-SCATTER_MODES = ("deterministic", "atomic")
-_scatter_mode = "deterministic"
 _TILE = 4096
-
-
-def set_scatter_mode(mode: str) -> None:
-    """Backward of ``modality_mix``: ``"deterministic"`` (default) or ``"atomic"``."""
-    global _scatter_mode
-    if mode not in SCATTER_MODES:
-        raise ValueError(f"mode must be one of {SCATTER_MODES}, got {mode!r}")
-    _scatter_mode = mode
-
-
-def scatter_mode() -> str:
-    return _scatter_mode
 
 
 # ------------------------------------------------------------------------------ forward
@@ -65,6 +55,7 @@ def _mix_kernel(
     w_ptr,
     vmix_ptr,
     soft_ptr,
+    flags_ptr,
     B,
     M,
     D,
@@ -81,16 +72,25 @@ def _mix_kernel(
     m3 = tl.arange(0, MP)[None, :, None]
     ok = (b3 < B) & (m3 < M)  # [BB, MP, 1]
     src = tl.load(src_ptr + m3 * B + b3, mask=ok, other=0)  # mixed row b takes m from src
+    # src is an address: a source outside [0, B) is never read (zeros instead) and is reported
+    src_ok = ok & (src >= 0) & (src < B)
+    flag_if(flags_ptr, SRC, ok & ~src_ok)
+    # every label is checked once, by the program of its row (labels are only compared)
+    y_own = tl.load(y_ptr + b3, mask=b3 < B, other=0)
+    flag_if(flags_ptr, LABELS, (b3 < B) & ((y_own < 0) | (y_own >= C)))
     # gather: v_mix[b, m, :] = v[src[m, b], m, :]
     d3 = tl.arange(0, BLOCK_D)[None, None, :]
     for d0 in range(0, D, BLOCK_D):
         okd = ok & (d0 + d3 < D)
-        vals = tl.load(v_ptr + (src * M + m3) * D + d0 + d3, mask=okd)
+        vals = tl.load(v_ptr + (src * M + m3) * D + d0 + d3, mask=okd & src_ok, other=0.0)
         tl.store(vmix_ptr + (b3 * M + m3) * D + d0 + d3, vals, mask=okd)
     # proportion labels: q[b] = sum_m w[b, m] onehot(y[src[m, b]])
-    ys = tl.load(y_ptr + src, mask=ok, other=0)  # [BB, MP, 1]
-    if HAS_W:
+    ys = tl.load(y_ptr + src, mask=src_ok, other=0)  # [BB, MP, 1]
+    if HAS_W:  # on the simplex: >= 0 and summing to 1 over M (only read: reported)
         w = tl.load(w_ptr + b3 * M + m3, mask=ok, other=0.0)
+        # written as "not inside" so that NaN weights are reported too
+        off = ~(tl.abs(tl.sum(w, axis=1, keep_dims=True) - 1.0) <= SIMPLEX_TOL)
+        flag_if(flags_ptr, WEIGHTS, (ok & ~(w >= 0.0)) | ((b3 < B) & off))
     else:
         w = tl.where(ok, 1.0 / M, 0.0)
     y0 = tl.sum(tl.where(m3 == 0, ys, 0), axis=1, keep_dims=True)  # [BB, 1, 1]
@@ -120,8 +120,9 @@ def _link_kernel(src_ptr, last_ptr, prev_ptr, B, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     for b0 in range(0, B, BLOCK):
         b = b0 + i
-        ok = b < B
-        s = tl.load(src_ptr + m * B + b, mask=ok, other=0)
+        s = tl.load(src_ptr + m * B + b, mask=b < B, other=0)
+        # a source outside [0, B) (reported by the forward) is left out: never an address
+        ok = (b < B) & (s >= 0) & (s < B)
         same = (s[:, None] == s[None, :]) & ok[:, None] & ok[None, :]
         earlier = tl.max(tl.where(same & (i[None, :] < i[:, None]), b[None, :], -1), axis=1)
         has_later = tl.max(tl.where(same & (i[None, :] > i[:, None]), 1, 0), axis=1)
@@ -166,31 +167,21 @@ def _gather_back_kernel(
 
 
 @jit
-def _scatter_atomic_kernel(
-    g_ptr, src_ptr, out_ptr, B, M, D, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr
-):
-    m = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ok = (b[:, None] < B) & (d[None, :] < D)
-    s = tl.load(src_ptr + m * B + b, mask=b < B, other=0)
-    g = tl.load(g_ptr + (b[:, None] * M + m) * D + d[None, :], mask=ok, other=0.0)
-    tl.atomic_add(out_ptr + (s[:, None] * M + m) * D + d[None, :], g.to(tl.float32), mask=ok)
-
-
-@jit
 def _weights_back_kernel(
     gq_ptr, y_ptr, src_ptr, out_ptr, B, M, C, BLOCK_B: tl.constexpr, MP: tl.constexpr
 ):
     """d q[b, c] / d w[b, m] = [c == y[src[m, b]]], and 0 for a hard-label row."""
     b = (tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64))[:, None]
     m = tl.arange(0, MP)[None, :]
-    ok = (b < B) & (m < M)
-    ys = tl.load(y_ptr + tl.load(src_ptr + m * B + b, mask=ok, other=0), mask=ok, other=0)
+    inside = (b < B) & (m < M)
+    src = tl.load(src_ptr + m * B + b, mask=inside, other=0)
+    ok = inside & (src >= 0) & (src < B)  # bad sources and labels: reported by the forward
+    ys = tl.load(y_ptr + src, mask=ok, other=0)
+    ok = ok & (ys >= 0) & (ys < C)
     y0 = tl.sum(tl.where(m == 0, ys, 0), axis=1, keep_dims=True)
     hard = tl.sum(tl.where(ok & (ys != y0), 1, 0), axis=1, keep_dims=True) == 0
     g = tl.load(gq_ptr + b * C + ys, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + b * M + m, tl.where(hard, 0.0, g), mask=ok)
+    tl.store(out_ptr + b * M + m, tl.where(hard, 0.0, g), mask=inside)
 
 
 # ------------------------------------------------------------------ soft cross-entropy
@@ -203,10 +194,11 @@ def _soft_ce_kernel(
     out_ptr,
     gq_ptr,
     gin_ptr,
+    flags_ptr,
     B,
     C,
     scale,
-    MODE: tl.constexpr,  # 0 loss partials, 1 gradients
+    MODE: tl.constexpr,  # 0 loss partials (and the finiteness check), 1 gradients
     NEED_GQ: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -223,6 +215,9 @@ def _soft_ce_kernel(
         ok = (b < B) & (c < C)
         z = tl.load(z_ptr + b * C + c, mask=ok, other=ninf).to(tl.float32)
         q = tl.load(q_ptr + b * C + c, mask=ok, other=0.0).to(tl.float32)
+        if MODE == 0:
+            flag_nonfinite(flags_ptr, LOGITS, z, ok)
+            flag_nonfinite(flags_ptr, SOFT_LABELS, q, ok)
         m_run, s_run = online_lse(m_run, s_run, z, 1)
         qsum = tl.sum(q, axis=1, keep_dims=True)
     else:
@@ -231,6 +226,9 @@ def _soft_ce_kernel(
             zc = tl.load(z_ptr + b * C + c0 + c, mask=okc, other=ninf).to(tl.float32)
             m_run, s_run = online_lse(m_run, s_run, zc, 1)
             qc = tl.load(q_ptr + b * C + c0 + c, mask=okc, other=0.0).to(tl.float32)
+            if MODE == 0:
+                flag_nonfinite(flags_ptr, LOGITS, zc, okc)
+                flag_nonfinite(flags_ptr, SOFT_LABELS, qc, okc)
             qsum += tl.sum(qc, axis=1, keep_dims=True)
     m, s, log_s = lse_finish(m_run, s_run)
     if MODE == 0:
@@ -278,6 +276,9 @@ def _mix_op(
     weights: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     bsz, m, d = v.shape
+    # metadata only: the kernel reads src as [M, B] and bounds its values by B
+    torch._check(tuple(src.shape) == (m, bsz), lambda: "src must be [M, B]")
+    torch._check(tuple(labels.shape) == (bsz,), lambda: "labels must be [B]")
     v = v.contiguous()
     v_mix = torch.empty_like(v)
     soft = torch.empty(bsz, num_classes, dtype=v.dtype, device=v.device)
@@ -286,6 +287,7 @@ def _mix_op(
     block_c = min(next_pow2(num_classes), max(16, 2048 // mp))
     block_b = _row_block(bsz, mp * max(block_d, block_c))
     has_w = weights is not None
+    flags = _device_checks.new_flags(v.device)
     launch(
         _mix_kernel,
         (triton.cdiv(bsz, block_b),),
@@ -295,6 +297,7 @@ def _mix_op(
         weights if has_w else v,  # not read without weights
         v_mix,
         soft,
+        flags,
         bsz,
         m,
         d,
@@ -305,31 +308,18 @@ def _mix_op(
         BLOCK_D=block_d,
         BLOCK_C=block_c,
     )
+    checked = (_device_checks.SRC, _device_checks.LABELS)
+    if has_w:
+        checked += (_device_checks.WEIGHTS,)
+    _device_checks.raise_if_flagged(flags, "modality_mix", *checked)
     return v_mix, soft
 
 
 @triton_op("omnifuse_fast_triton::modality_mix_backward", mutates_args=())
-def _mix_backward_op(grad_v_mix: torch.Tensor, src: torch.Tensor, mode: str) -> torch.Tensor:
+def _mix_backward_op(grad_v_mix: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     bsz, m, d = grad_v_mix.shape
     grad_v_mix, src = grad_v_mix.contiguous(), src.contiguous()
     block_d = min(next_pow2(d), 1024)
-    if mode == "atomic":
-        acc = torch.zeros(grad_v_mix.shape, dtype=torch.float32, device=src.device)
-        block_b = max(1, min(next_pow2(bsz), 2048 // block_d))
-        grid = (triton.cdiv(bsz, block_b), m, triton.cdiv(d, block_d))
-        launch(
-            _scatter_atomic_kernel,
-            grid,
-            grad_v_mix,
-            src,
-            acc,
-            bsz,
-            m,
-            d,
-            BLOCK_B=block_b,
-            BLOCK_D=block_d,
-        )
-        return acc.to(grad_v_mix.dtype)
     last = torch.full((m, bsz), -1, dtype=torch.int32, device=src.device)
     prev = torch.empty((m, bsz), dtype=torch.int32, device=src.device)
     launch(_link_kernel, (m,), src, last, prev, bsz, BLOCK=min(next_pow2(bsz), 128), num_warps=8)
@@ -386,7 +376,7 @@ def _mix_backward(ctx, grad_v_mix, grad_soft):
     labels, src = ctx.saved_tensors
     grad_v = grad_w = None
     if ctx.needs_input_grad[0]:
-        grad_v = _mix_backward_op(grad_v_mix, src, _scatter_mode)
+        grad_v = _mix_backward_op(grad_v_mix, src)
     if ctx.has_weights and ctx.needs_input_grad[4]:
         grad_w = _mix_weights_backward_op(grad_soft, labels, src)
     return grad_v, None, None, None, grad_w
@@ -402,7 +392,8 @@ def _soft_ce_config(logits: torch.Tensor) -> tuple[int, int, int]:
     return block_b, block_c, triton.cdiv(bsz, block_b)
 
 
-def _soft_ce_launch(mode, logits, soft, out, gq, gin, need_gq) -> None:
+def _soft_ce_launch(mode, logits, soft, out, gq, gin, need_gq, flags=None) -> None:
+    """With ``flags`` (the forward, mode 0) the kernel reports non-finite inputs."""
     bsz, c = logits.shape
     block_b, block_c, programs = _soft_ce_config(logits)
     launch(
@@ -413,6 +404,7 @@ def _soft_ce_launch(mode, logits, soft, out, gq, gin, need_gq) -> None:
         out,
         gq,
         gin,
+        out if flags is None else flags,
         bsz,
         c,
         1.0 / bsz,
@@ -430,8 +422,12 @@ def _soft_ce_op(logits: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tensor
     partials = torch.zeros(
         max(_soft_ce_config(logits)[2], 1), dtype=torch.float32, device=logits.device
     )
+    flags = _device_checks.new_flags(logits.device)
     if logits.shape[0]:
-        _soft_ce_launch(0, logits, soft_labels, partials, partials, partials, False)
+        _soft_ce_launch(0, logits, soft_labels, partials, partials, partials, False, flags)
+    _device_checks.raise_if_flagged(
+        flags, "soft_cross_entropy", _device_checks.LOGITS, _device_checks.SOFT_LABELS
+    )
     return (partials.sum() / max(logits.shape[0], 1)).to(logits.dtype)  # empty batch: 0
 
 

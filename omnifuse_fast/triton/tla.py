@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from omnifuse_fast import _dispatch
+from omnifuse_fast import _device_checks, _dispatch
 from omnifuse_fast.reference import tla as _reference
 from omnifuse_fast.triton._common import (
     interpreting,
@@ -27,18 +27,25 @@ from omnifuse_fast.triton._common import (
     online_lse,
     use_reference,
 )
+from omnifuse_fast.triton._flags import COMB, LABELS, LOGITS, PRESENT, flag_if, flag_nonfinite
 
 _DISTANCE_IDS = {"ce": 0, "l1": 1, "l2": 2}
 _TILE = 4096  # fp32 elements of one [BLOCK_B, BLOCK_C] tile
+_COMB_HI_ANY_M = 1 << 8  # tla_loss does not know M: comb ids of up to 8 modalities
+_CHECKED = (_device_checks.LABELS, _device_checks.COMB, _device_checks.LOGITS)
 
 
 @jit
-def _combination_ids_kernel(p_ptr, out_ptr, B, M, BLOCK_B: tl.constexpr, MP: tl.constexpr):
+def _combination_ids_kernel(
+    p_ptr, out_ptr, flags_ptr, B, M, BLOCK_B: tl.constexpr, MP: tl.constexpr
+):
     b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     m = tl.arange(0, MP)
     ok = (b[:, None] < B) & (m[None, :] < M)
     bits = tl.load(p_ptr + b[:, None] * M + m[None, :], mask=ok, other=0).to(tl.int64)
-    tl.store(out_ptr + b, tl.sum(bits << m[None, :].to(tl.int64), axis=1), mask=b < B)
+    ids = tl.sum(bits << m[None, :].to(tl.int64), axis=1)
+    flag_if(flags_ptr, PRESENT, (b < B) & (ids == 0))  # a sample with no modality
+    tl.store(out_ptr + b, ids, mask=b < B)
 
 
 @jit
@@ -59,15 +66,18 @@ def _row_block(
     comb_ptr,
     out_ptr,
     gin_ptr,
+    flags_ptr,
     rb,
     B,
     C,
     lazy,
+    comb_hi,
     MODE: tl.constexpr,
     DIST: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ONE_TILE: tl.constexpr,
+    CHECK: tl.constexpr,
 ):
     """Rows ``rb * BLOCK_B ...``: ``(comb, row_ok, d)`` with d the distance (MODE 0) or the CE
     (MODE 1) per row; MODE 2 writes the gradient rows instead (and returns d = 0)."""
@@ -78,6 +88,9 @@ def _row_block(
     if MODE != 0:  # only the lazy combination's rows matter: the others are never read
         row_ok = row_ok & (comb == lazy)
     y = tl.load(y_ptr + b, mask=b < B, other=0)
+    if CHECK:  # both are only compared (with class ids, bins, lazy), never an address
+        flag_if(flags_ptr, LABELS, (b < B) & ((y < 0) | (y >= C)))
+        flag_if(flags_ptr, COMB, (b < B) & ((comb < 1) | (comb >= comb_hi)))
     zrow = z_ptr + b * C
     ninf = float("-inf")
 
@@ -87,6 +100,8 @@ def _row_block(
     if ONE_TILE:
         ok = row_ok & (c < C)
         z = tl.load(zrow + c, mask=ok, other=ninf).to(tl.float32)
+        if CHECK:  # the rows read: all for the stats, the lazy combination's for the loss
+            flag_nonfinite(flags_ptr, LOGITS, z, ok)
         is_y = c == y
         m_run, s_run = online_lse(m_run, s_run, z, 1)
         zt = tl.sum(tl.where(is_y & ok, z, 0.0), axis=1, keep_dims=True)
@@ -94,6 +109,8 @@ def _row_block(
         for c0 in range(0, C, BLOCK_C):
             okc = row_ok & (c0 + c < C)
             zc = tl.load(zrow + c0 + c, mask=okc, other=ninf).to(tl.float32)
+            if CHECK:
+                flag_nonfinite(flags_ptr, LOGITS, zc, okc)
             m_run, s_run = online_lse(m_run, s_run, zc, 1)
             zt += tl.sum(tl.where((c0 + c == y) & okc, zc, 0.0), axis=1, keep_dims=True)
     m, s, log_s = lse_finish(m_run, s_run)
@@ -132,9 +149,11 @@ def _tla_kernel(
     out_ptr,
     cnt_ptr,
     gin_ptr,
+    flags_ptr,
     B,
     C,
     lazy,
+    comb_hi,
     P,
     MODE: tl.constexpr,  # 0 stats partials, 1 loss partials, 2 loss gradient
     DIST: tl.constexpr,  # 0 ce, 1 l1, 2 l2
@@ -142,6 +161,7 @@ def _tla_kernel(
     BLOCK_C: tl.constexpr,
     ONE_TILE: tl.constexpr,
     NB: tl.constexpr,  # bins (2**M) of the histogram, MODE 0
+    CHECK: tl.constexpr,  # report labels outside [0, C), comb outside [1, comb_hi), NaN/inf
 ):
     """P programs, each looping over every P-th block of rows and keeping its partial sums (a
     histogram of NB bins for MODE 0) in registers: the partials stay few, whatever B."""
@@ -158,15 +178,18 @@ def _tla_kernel(
             comb_ptr,
             out_ptr,
             gin_ptr,
+            flags_ptr,
             rb,
             B,
             C,
             lazy,
+            comb_hi,
             MODE,
             DIST,
             BLOCK_B,
             BLOCK_C,
             ONE_TILE,
+            CHECK,
         )
         if MODE == 0:
             hit = row_ok & (comb == bins)  # [BB, NB]
@@ -215,7 +238,11 @@ def _config(logits: torch.Tensor, nbins: int = 1) -> tuple[int, int, int]:
     return block_b, block_c, max(1, min(blocks, cap))
 
 
-def _launch(mode, dist, logits, labels, comb, out, cnt, gin, lazy=0, nbins=1) -> None:
+def _launch(
+    mode, dist, logits, labels, comb, out, cnt, gin, lazy=0, nbins=1, flags=None, comb_hi=0
+) -> None:
+    """One launch of ``_tla_kernel``; with ``flags`` it reports labels outside [0, C) and comb
+    outside [1, comb_hi)."""
     bsz, c = logits.shape
     if bsz == 0:
         return
@@ -230,9 +257,11 @@ def _launch(mode, dist, logits, labels, comb, out, cnt, gin, lazy=0, nbins=1) ->
         out,
         cnt,
         gin,
+        out if flags is None else flags,
         bsz,
         c,
         lazy,
+        comb_hi,
         programs,
         MODE=mode,
         DIST=dist,
@@ -240,6 +269,7 @@ def _launch(mode, dist, logits, labels, comb, out, cnt, gin, lazy=0, nbins=1) ->
         BLOCK_C=block_c,
         ONE_TILE=block_c >= c,
         NB=nbins,
+        CHECK=flags is not None,
         num_warps=8 if big else 4,
     )
 
@@ -248,6 +278,7 @@ def _launch(mode, dist, logits, labels, comb, out, cnt, gin, lazy=0, nbins=1) ->
 def _combination_ids_op(present: torch.Tensor) -> torch.Tensor:
     bsz, m = present.shape
     out = torch.empty(bsz, dtype=torch.int64, device=present.device)
+    flags = _device_checks.new_flags(present.device)
     if bsz:
         block_b = 128
         launch(
@@ -255,11 +286,13 @@ def _combination_ids_op(present: torch.Tensor) -> torch.Tensor:
             (triton.cdiv(bsz, block_b),),
             present.contiguous().view(torch.uint8),
             out,
+            flags,
             bsz,
             m,
             BLOCK_B=block_b,
             MP=next_pow2(m),
         )
+    _device_checks.raise_if_flagged(flags, "combination_ids", _device_checks.PRESENT)
     return out
 
 
@@ -279,6 +312,7 @@ def _tla_stats_op(
     psum = torch.zeros(programs, nbins, dtype=torch.float32, device=device)
     pcnt = torch.zeros(programs, nbins, dtype=torch.int32, device=device)
     dist = _DISTANCE_IDS[distance]
+    flags = _device_checks.new_flags(device)
     _launch(
         0,
         dist,
@@ -289,7 +323,10 @@ def _tla_stats_op(
         pcnt,
         psum,
         nbins=nbins,
+        flags=flags,
+        comb_hi=nbins,
     )
+    _device_checks.raise_if_flagged(flags, "tla_stats", *_CHECKED)
     block = min(nbins, 64)
     launch(
         _bin_reduce_kernel,
@@ -313,6 +350,7 @@ def _tla_loss_op(
     programs = _config(logits)[2]
     psum = torch.zeros(programs, dtype=torch.float32, device=logits.device)
     pcnt = torch.zeros(programs, dtype=torch.int32, device=logits.device)
+    flags = _device_checks.new_flags(logits.device)
     _launch(
         1,
         0,
@@ -323,7 +361,10 @@ def _tla_loss_op(
         pcnt,
         psum,
         lazy=lazy,
+        flags=flags,
+        comb_hi=_COMB_HI_ANY_M,
     )
+    _device_checks.raise_if_flagged(flags, "tla_loss", *_CHECKED)
     # sum / count, and a real 0 (not NaN) when no sample is of the lazy combination
     return (psum.sum() / pcnt.sum().clamp_min(1)).to(logits.dtype)
 
