@@ -56,10 +56,10 @@ _AUTO_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 # (op, backend, device type) that "auto" passes over when gradients are needed, because a
-# measured run found them slower than the next choice for fwd+bwd (benchmarks/NOTES.md):
-# the C++ CRA cascade recomputes the chain in its backward and loses to autograd on CPU,
-# though its forward alone (inference) is ~3x the reference.
-_AUTO_SKIP_WITH_GRAD: set[tuple[str, str, str]] = {("cra_forward", "cpu", "cpu")}
+# measured run found them slower than the next choice for fwd+bwd (benchmarks/NOTES.md).
+# Empty since the C++ CRA cascade saves what its backward needs (it used to recompute the
+# chain and lose to autograd on CPU); kept as the one place for such a measured exception.
+_AUTO_SKIP_WITH_GRAD: set[tuple[str, str, str]] = set()
 
 # Modules whose import registers a backend's implementations (imported lazily, once).
 _LOADERS: dict[str, tuple[str, ...]] = {

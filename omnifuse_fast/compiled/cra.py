@@ -90,6 +90,7 @@ def _stash_setup(ctx, inputs, output):
     ctx.activation = activation
     ctx.shapes = (out.shape, lat.shape)
     ctx.mark_non_differentiable(states, post, pre)
+    ctx.set_materialize_grads(False)  # no zero-filled [K, B, F] gradients for the stash
 
 
 def _stash_backward(ctx, grad_out, grad_latents, _states, _post, _pre):
