@@ -18,6 +18,9 @@ std::tuple<Tensor, Tensor> modality_mix_cpu(const Tensor& v_in, const Tensor& la
   const int64_t B = src.size(1), M = v.size(1), D = v.size(2), C = num_classes;
   const int64_t Bs = v.size(0);
   TORCH_CHECK(M <= 8, "omnifuse_fast::modality_mix: at most 8 modalities, got ", M);
+  // value checks before any row is gathered through them (small int tensors: one pass each)
+  check_labels(labels, C);
+  check_range(src, 0, Bs - 1, "src", "source indices");
   // per-sample proportions [B, M] in the accumulation dtype; uniform when absent
   Tensor w;
   if (weights_in.has_value() && weights_in->defined()) {
@@ -40,10 +43,8 @@ std::tuple<Tensor, Tensor> modality_mix_cpu(const Tensor& v_in, const Tensor& la
         bool same = true;
         for (int64_t m = 0; m < M; ++m) {
           const int64_t s = sp[m * B + b];
-          check_index(s, Bs, "src");
           std::memcpy(out + (b * M + m) * D, vp + (s * M + m) * D, D * sizeof(scalar_t));
           ys[m] = y[s];
-          check_index(ys[m], C, "class label");
           same = same && ys[m] == ys[0];
         }
         scalar_t* row = q + b * C;
@@ -81,16 +82,14 @@ Tensor modality_mix_backward_cpu(const Tensor& grad_in, const Tensor& src_in, in
   const Tensor grad = grad_in.contiguous();
   const Tensor src = src_in.to(at::kLong).contiguous();
   const int64_t B = grad.size(0), M = grad.size(1), D = grad.size(2), N = batch;
+  check_range(src, 0, N - 1, "src", "source indices");
   std::vector<int64_t> start(M * (N + 1), 0), order(M * B);
   const int64_t* sp = src.const_data_ptr<int64_t>();
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       int64_t* st = start.data() + m * (N + 1);
       const int64_t* s = sp + m * B;
-      for (int64_t b = 0; b < B; ++b) {
-        check_index(s[b], N, "src");
-        ++st[s[b] + 1];
-      }
+      for (int64_t b = 0; b < B; ++b) ++st[s[b] + 1];
       for (int64_t i = 0; i < N; ++i) st[i + 1] += st[i];
       std::vector<int64_t> pos(st, st + N);
       int64_t* ord = order.data() + m * B;
@@ -133,15 +132,17 @@ constexpr int64_t kChunk = 256;
 
 template <typename scalar_t, typename acc_t>
 OMNIFUSE_INLINE void rows_lse(const scalar_t* z, int64_t C, int64_t c0, int64_t c1, acc_t* mx,
-                              acc_t* ls) {
+                              acc_t* ls, acc_t& nf) {
   for (int64_t b = c0; b < c1; ++b) {
     const scalar_t* zr = z + b * C;
-    acc_t m = neg_inf<acc_t>();
-#pragma omp simd reduction(max : m)
+    acc_t m = neg_inf<acc_t>(), f = 0;
+#pragma omp simd reduction(max : m) reduction(+ : f)
     for (int64_t c = 0; c < C; ++c) {
       const acc_t v = static_cast<acc_t>(zr[c]);
       m = m > v ? m : v;
+      f += nonfinite_term(v);
     }
+    nf += f;
     acc_t s = 0;
 #pragma omp simd reduction(+ : s)
     for (int64_t c = 0; c < C; ++c) s += vexp_neg(static_cast<acc_t>(zr[c]) - m);
@@ -154,25 +155,31 @@ OMNIFUSE_INLINE void rows_lse(const scalar_t* z, int64_t C, int64_t c0, int64_t 
 
 constexpr int64_t kBlock = 256;
 
-// sum over rows of sum_c q_c (-log_softmax_c), term by term.
+// sum over rows of sum_c q_c (-log_softmax_c), term by term. flags: [0] a non-finite logit,
+// [1] a non-finite soft label (value checks, raised by the caller).
 template <typename scalar_t, typename acc_t>
 OMNIFUSE_CPU_CLONES acc_t soft_ce_rows(const scalar_t* z, const scalar_t* q, int64_t C, int64_t b0,
-                                       int64_t b1) {
+                                       int64_t b1, uint8_t* flags) {
   acc_t mx[kChunk], ls[kChunk];
-  acc_t acc = 0;
+  acc_t acc = 0, nfz = 0, nfq = 0;
   for (int64_t c0 = b0; c0 < b1; c0 += kChunk) {
     const int64_t c1 = std::min(b1, c0 + kChunk);
-    rows_lse(z, C, c0, c1, mx, ls);
+    rows_lse(z, C, c0, c1, mx, ls, nfz);
     for (int64_t b = c0; b < c1; ++b) {
       const acc_t m = mx[b - c0], l = ls[b - c0];
-      acc_t row = 0;
-#pragma omp simd reduction(+ : row)
+      acc_t row = 0, f = 0;
+#pragma omp simd reduction(+ : row, f)
       for (int64_t c = 0; c < C; ++c) {
-        row += static_cast<acc_t>(q[b * C + c]) * ((m - static_cast<acc_t>(z[b * C + c])) + l);
+        const acc_t qc = static_cast<acc_t>(q[b * C + c]);
+        row += qc * ((m - static_cast<acc_t>(z[b * C + c])) + l);
+        f += nonfinite_term(qc);
       }
       acc += row;
+      nfq += f;
     }
   }
+  flags[0] = !(nfz == acc_t(0));
+  flags[1] = !(nfq == acc_t(0));
   return acc;
 }
 
@@ -181,10 +188,10 @@ template <typename scalar_t, typename acc_t>
 OMNIFUSE_CPU_CLONES void soft_ce_grad_rows(scalar_t* gz, scalar_t* gq, const scalar_t* z,
                                            const scalar_t* q, int64_t C, acc_t scale, int64_t b0,
                                            int64_t b1) {
-  acc_t mx[kChunk], ls[kChunk];
+  acc_t mx[kChunk], ls[kChunk], nf = 0;  // checked by the forward
   for (int64_t c0 = b0; c0 < b1; c0 += kChunk) {
     const int64_t c1 = std::min(b1, c0 + kChunk);
-    rows_lse(z, C, c0, c1, mx, ls);
+    rows_lse(z, C, c0, c1, mx, ls, nf);
     for (int64_t b = c0; b < c1; ++b) {
       const scalar_t* zr = z + b * C;
       const scalar_t* qr = q + b * C;
@@ -207,15 +214,21 @@ Tensor soft_cross_entropy_cpu(const Tensor& logits_in, const Tensor& soft_in) {
   const Tensor logits = logits_in.contiguous();
   const Tensor soft = soft_in.contiguous();
   const int64_t B = logits.size(0), C = logits.size(1);
-  std::vector<double> partial(num_blocks(B, kBlock), 0.0);
+  const int64_t nblk = num_blocks(B, kBlock);
+  std::vector<double> partial(nblk, 0.0);
+  std::vector<uint8_t> flags(2 * nblk, 0), bad_z(nblk, 0), bad_q(nblk, 0);
   OMNIFUSE_DISPATCH_FLOATS(logits.scalar_type(), "soft_cross_entropy", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const scalar_t* q = soft.const_data_ptr<scalar_t>();
     for_blocks(B, kBlock, [&](int64_t blk, int64_t b0, int64_t b1) {
-      partial[blk] = static_cast<double>(soft_ce_rows<scalar_t, acc_t>(z, q, C, b0, b1));
+      partial[blk] = static_cast<double>(
+          soft_ce_rows<scalar_t, acc_t>(z, q, C, b0, b1, flags.data() + 2 * blk));
     });
   });
+  for (int64_t i = 0; i < nblk; ++i) bad_z[i] = flags[2 * i], bad_q[i] = flags[2 * i + 1];
+  check_finite_flags(bad_z, logits, "logits");
+  check_finite_flags(bad_q, soft, "soft_labels");
   double total = 0.0;
   for (double p : partial) total += p;  // blocks in order: deterministic
   // sum / max(B, 1): an empty batch is a real 0
