@@ -64,6 +64,8 @@ def _samples():
         ("modality_mix_backward", (_randn(b, m, d), src, b)),
         ("soft_cross_entropy", (_randn(b, c, grad=True), q.clone().requires_grad_(True))),
         ("soft_cross_entropy_backward", (one, z2, q)),
+        ("soft_cross_entropy", (_randn(b, c, grad=True), q.clone())),  # d logits only
+        ("soft_cross_entropy_backward_logits", (one, z2, q)),
         ("mimo_gram", (g0, gw)),
         ("mimo_direction", (g0, gw, lam)),
     ]

@@ -21,12 +21,14 @@
 #include <sys/mman.h>
 #endif
 
-// Hot row loops are compiled twice, for x86-64-v3 (AVX2, FMA, F16C) and the baseline, and
+// Hot row loops are compiled three times, for x86-64-v4 (AVX-512: a 16-row tile of fp32 is one
+// register), x86-64-v3 (AVX2, FMA, F16C) and the baseline, and
 // picked at load time (GCC function multiversioning), so one binary is portable and uses AVX2
 // where it exists. Apply to functions that own a whole block of rows (one ifunc call each);
 // everything they call is OMNIFUSE_INLINE so that it is compiled for the clone's target.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define OMNIFUSE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define OMNIFUSE_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define OMNIFUSE_CPU_CLONES
 #endif
@@ -363,9 +365,12 @@ struct ClassRows {
 
   // Adds rows z + row[i] * C with labels ys[i], i < count (n + count <= N). Short rows are
   // transposed a tile at a time so that the max and exp-sum passes run across rows.
+  // ebuf (optional, short rows only): receives exp(z_c - mo) of every row, tile by tile in the
+  // transposed [C][kTile] layout (tile k at ebuf + k C kTile; 0 in the y lane), so that a
+  // gradient can be written from it without a second exp per element (write_class_grads_e).
   template <typename scalar_t, bool kSumSq = false>
   OMNIFUSE_INLINE void add_rows(const scalar_t* z, int64_t C, const int64_t* row, const int64_t* ys,
-                                int64_t count) {
+                                int64_t count, acc_t* ebuf = nullptr) {
     if (C > kSmallC) {
       for (int64_t i = 0; i < count; ++i) add<scalar_t, kSumSq>(z + row[i] * C, C, ys[i]);
       return;
@@ -388,12 +393,14 @@ struct ClassRows {
       }
       for (int64_t r = 0; r < kTile; ++r) nf += f[r];
       for (int64_t r = 0; r < kTile; ++r) s[r] = q[r] = 0;
+      acc_t* et = ebuf ? ebuf + (i0 / kTile) * C * kTile : nullptr;
       for (tile_label_t<acc_t> c = 0; c < C; ++c) {
 #pragma omp simd
         for (int64_t r = 0; r < kTile; ++r) {
           const acc_t e = c == yt[r] ? acc_t(0) : vexp_neg(t[c * kTile + r] - m[r]);
           s[r] += e;
           if (kSumSq) q[r] += e * e;
+          if (et) et[c * kTile + r] = e;
         }
       }
       for (int64_t r = 0; r < nt; ++r) {
@@ -461,6 +468,36 @@ OMNIFUSE_INLINE void write_class_grads(scalar_t* g, const scalar_t* z, int64_t C
       for (int64_t r = 0; r < kTile; ++r) {
         const acc_t e = vexp_neg((t[c * kTile + r] - m[r]) - l[r]);  // <= 0 but in the y lane
         t[c * kTile + r] = c == yt[r] ? -k[r] : k[r] * e;
+      }
+    }
+    for (int64_t r = 0; r < nt; ++r) {
+      scalar_t* gr = g + row[i0 + r] * C;
+      for (int64_t c = 0; c < C; ++c) gr[c] = static_cast<scalar_t>(t[c * kTile + r]);
+    }
+  }
+}
+
+// write_class_grads from the exps that add_rows stored in ebuf (C <= kSmallC, rows added from
+// index 0 in the same order): d/dz_c = kappa q_c = (kappa / so) e_c for c != y, -kappa for y.
+template <typename scalar_t, typename acc_t>
+OMNIFUSE_INLINE void write_class_grads_e(scalar_t* g, const acc_t* ebuf, int64_t C,
+                                         const int64_t* row, const int64_t* ys, const acc_t* so,
+                                         const acc_t* kappa, int64_t count) {
+  acc_t t[kSmallC * kTile];
+  for (int64_t i0 = 0; i0 < count; i0 += kTile) {
+    const int64_t nt = std::min(kTile, count - i0);
+    const acc_t* et = ebuf + (i0 / kTile) * C * kTile;
+    acc_t k[kTile], ks[kTile];
+    tile_label_t<acc_t> yt[kTile];
+    for (int64_t r = 0; r < kTile; ++r) {
+      k[r] = r < nt ? kappa[i0 + r] : acc_t(0);
+      ks[r] = r < nt ? kappa[i0 + r] / so[i0 + r] : acc_t(0);
+      yt[r] = r < nt ? static_cast<tile_label_t<acc_t>>(ys[i0 + r]) : 0;
+    }
+    for (tile_label_t<acc_t> c = 0; c < C; ++c) {
+#pragma omp simd
+      for (int64_t r = 0; r < kTile; ++r) {
+        t[c * kTile + r] = c == yt[r] ? -k[r] : ks[r] * et[c * kTile + r];
       }
     }
     for (int64_t r = 0; r < nt; ++r) {

@@ -43,6 +43,7 @@ template <typename acc_t>
 struct ClassBlock {
   static constexpr int64_t N = kBlock * kMaxM;
   ClassRows<acc_t, N> rows;
+  acc_t* ebuf = nullptr;  // when set (C <= kSmallC): the stats pass keeps its exps here
   acc_t w[N], t0[N], t1[N];
   int64_t row[N], ys[N];  // row index into the [B * M, C] logits, and its label
   bool nonfinite = false;  // a logit of the block is NaN or inf
@@ -58,7 +59,7 @@ OMNIFUSE_INLINE void class_block(const scalar_t* z, const int64_t* y, int64_t M,
     s.ys[i] = y[b0 + i / M];
   }
   s.rows.n = 0;
-  s.rows.add_rows(z, C, s.row, s.ys, n);
+  s.rows.add_rows(z, C, s.row, s.ys, n, s.ebuf);
   s.nonfinite = s.rows.nonfinite();
   s.rows.finish();
   for (int64_t i = 0; i < n; i += M) sum_others(s.rows.lc + i, M, 1, s.w + i);
@@ -78,17 +79,28 @@ OMNIFUSE_CPU_CLONES acc_t class_loss_rows(const scalar_t* z, const int64_t* y, i
 }
 
 // Writes every row's gradient given kappa (in s.t0).
+// (From the exps the stats pass kept, when it kept them: one exp per logit, not two.)
 template <typename scalar_t, typename acc_t>
 OMNIFUSE_INLINE void write_block_grads(scalar_t* g, const scalar_t* z, int64_t C,
                                        const ClassBlock<acc_t>& s) {
-  write_class_grads(g, z, C, s.row, s.ys, s.rows.mo, s.rows.ls, s.t0, s.rows.n);
+  if (s.ebuf) {
+    write_class_grads_e(g, s.ebuf, C, s.row, s.ys, s.rows.so, s.t0, s.rows.n);
+  } else {
+    write_class_grads(g, z, C, s.row, s.ys, s.rows.mo, s.rows.ls, s.t0, s.rows.n);
+  }
 }
+
 
 template <typename scalar_t, typename acc_t>
 OMNIFUSE_CPU_CLONES void class_loss_grad_rows(scalar_t* g, const scalar_t* z, const int64_t* y,
                                               int64_t M, int64_t C, acc_t bm, acc_t scale,
                                               bool detach, int64_t b0, int64_t b1) {
   ClassBlock<acc_t> s;
+  std::vector<acc_t> exps;
+  if (C <= kSmallC) {
+    exps.resize((ClassBlock<acc_t>::N / kTile + 1) * kTile * C);
+    s.ebuf = exps.data();
+  }
   class_block(z, y, M, C, bm, b0, b1, s);
   const int64_t n = s.rows.n;
   if (detach) {
@@ -125,6 +137,11 @@ OMNIFUSE_CPU_CLONES void class_weight_grad_rows(scalar_t* g, const acc_t* gw, co
                                                 const int64_t* y, int64_t M, int64_t C, acc_t bm,
                                                 int64_t b0, int64_t b1) {
   ClassBlock<acc_t> s;
+  std::vector<acc_t> exps;
+  if (C <= kSmallC) {
+    exps.resize((ClassBlock<acc_t>::N / kTile + 1) * kTile * C);
+    s.ebuf = exps.data();
+  }
   class_block(z, y, M, C, bm, b0, b1, s);
   const int64_t n = s.rows.n;
 #pragma omp simd

@@ -210,6 +210,56 @@ OMNIFUSE_CPU_CLONES void soft_ce_grad_rows(scalar_t* gz, scalar_t* gq, const sca
   }
 }
 
+// d/dz_c = (p_c sum(q) - q_c) scale only: per row the max, e_c = exp(z_c - max) kept in a row
+// buffer (one exp per logit, no log), then p_c = e_c / sum(e).
+template <typename scalar_t, typename acc_t>
+OMNIFUSE_CPU_CLONES void soft_ce_logit_grad_rows(scalar_t* gz, const scalar_t* z,
+                                                 const scalar_t* q, int64_t C, acc_t* e,
+                                                 acc_t scale, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const scalar_t* zr = z + b * C;
+    const scalar_t* qr = q + b * C;
+    acc_t m = neg_inf<acc_t>();
+#pragma omp simd reduction(max : m)
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t v = static_cast<acc_t>(zr[c]);
+      m = m > v ? m : v;
+    }
+    acc_t s = 0, sq = 0;
+#pragma omp simd reduction(+ : s, sq)
+    for (int64_t c = 0; c < C; ++c) {
+      e[c] = vexp_neg(static_cast<acc_t>(zr[c]) - m);
+      s += e[c];
+      sq += static_cast<acc_t>(qr[c]);
+    }
+    const acc_t k = scale * sq / s;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      gz[b * C + c] = static_cast<scalar_t>(k * e[c] - scale * static_cast<acc_t>(qr[c]));
+    }
+  }
+}
+
+Tensor soft_cross_entropy_backward_logits_cpu(const Tensor& grad, const Tensor& logits_in,
+                                              const Tensor& soft_in) {
+  const Tensor logits = logits_in.contiguous();
+  const Tensor soft = soft_in.contiguous();
+  const int64_t B = logits.size(0), C = logits.size(1);
+  const double scale = scalar_value(grad) / static_cast<double>(std::max<int64_t>(B, 1));
+  Tensor gz = empty_output_like(logits);
+  OMNIFUSE_DISPATCH_FLOATS(logits.scalar_type(), "soft_cross_entropy_backward_logits", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* z = logits.const_data_ptr<scalar_t>();
+    const scalar_t* q = soft.const_data_ptr<scalar_t>();
+    scalar_t* oz = gz.data_ptr<scalar_t>();
+    for_blocks(B, kBlock, [&](int64_t, int64_t b0, int64_t b1) {
+      std::vector<acc_t> e(C);
+      soft_ce_logit_grad_rows(oz, z, q, C, e.data(), static_cast<acc_t>(scale), b0, b1);
+    });
+  });
+  return gz;
+}
+
 Tensor soft_cross_entropy_cpu(const Tensor& logits_in, const Tensor& soft_in) {
   const Tensor logits = logits_in.contiguous();
   const Tensor soft = soft_in.contiguous();
@@ -264,6 +314,7 @@ TORCH_LIBRARY_IMPL(omnifuse_fast, CPU, m) {
   m.impl("modality_mix_backward", &modality_mix_backward_cpu);
   m.impl("soft_cross_entropy", &soft_cross_entropy_cpu);
   m.impl("soft_cross_entropy_backward", &soft_cross_entropy_backward_cpu);
+  m.impl("soft_cross_entropy_backward_logits", &soft_cross_entropy_backward_logits_cpu);
 }
 
 }  // namespace cpu

@@ -145,6 +145,10 @@ def _register_fakes() -> None:
     def _(grad, logits, soft_labels):
         return torch.empty_like(logits), torch.empty_like(soft_labels)
 
+    @fake(_q("soft_cross_entropy_backward_logits"))
+    def _(grad, logits, soft_labels):
+        return torch.empty_like(logits)
+
     @fake(_q("mimo_gram"))
     def _(g0, gw):
         torch._check(len(g0) == len(gw), lambda: "g0 and gw must have the same length")
@@ -242,6 +246,9 @@ def _register_autograd() -> None:
 
     def sce_bwd(ctx, grad):
         logits, soft_labels = ctx.saved_tensors
+        if logits.device.type == "cpu" and not ctx.needs_input_grad[1]:
+            # usual case, soft labels as targets: skip their gradient's pass (CPU kernel)
+            return ops.soft_cross_entropy_backward_logits(grad, logits, soft_labels), None
         return tuple(ops.soft_cross_entropy_backward(grad, logits, soft_labels))
 
     reg(_q("soft_cross_entropy"), sce_bwd, setup_context=sce_setup)
