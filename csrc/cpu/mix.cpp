@@ -155,6 +155,21 @@ OMNIFUSE_INLINE void rows_lse(const scalar_t* z, int64_t C, int64_t c0, int64_t 
 
 constexpr int64_t kBlock = 256;
 
+// Rows [r0, r0 + nt) of z and q (C <= kSmallC) as [C][kTile] tiles in acc_t; padding rows
+// read z = 0, q = 0 (finite, and they add 0 to every sum over q).
+template <typename scalar_t, typename acc_t>
+OMNIFUSE_INLINE void load_rows_tile(const scalar_t* z, const scalar_t* q, int64_t C, int64_t r0,
+                                    int64_t nt, acc_t* t, acc_t* u) {
+  for (int64_t r = 0; r < kTile; ++r) {
+    const scalar_t* zr = z + (r0 + r) * C;
+    const scalar_t* qr = q + (r0 + r) * C;
+    for (int64_t c = 0; c < C; ++c) {
+      t[c * kTile + r] = r < nt ? static_cast<acc_t>(zr[c]) : acc_t(0);
+      u[c * kTile + r] = r < nt ? static_cast<acc_t>(qr[c]) : acc_t(0);
+    }
+  }
+}
+
 // sum over rows of sum_c q_c (-log_softmax_c), term by term. flags: [0] a non-finite logit,
 // [1] a non-finite soft label (value checks, raised by the caller).
 template <typename scalar_t, typename acc_t>
@@ -162,6 +177,41 @@ OMNIFUSE_CPU_CLONES acc_t soft_ce_rows(const scalar_t* z, const scalar_t* q, int
                                        int64_t b1, uint8_t* flags) {
   acc_t mx[kChunk], ls[kChunk];
   acc_t acc = 0, nfz = 0, nfq = 0;
+  if (C <= kSmallC) {  // short rows: kTile rows at a time, transposed, passes across rows
+    acc_t t[kSmallC * kTile], u[kSmallC * kTile];
+    for (int64_t r0 = b0; r0 < b1; r0 += kTile) {
+      const int64_t nt = std::min(kTile, b1 - r0);
+      load_rows_tile(z, q, C, r0, nt, t, u);
+      acc_t m[kTile], sm[kTile], f[kTile], fq[kTile], l[kTile], row[kTile];
+      for (int64_t r = 0; r < kTile; ++r) m[r] = neg_inf<acc_t>(), sm[r] = f[r] = fq[r] = 0;
+      for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+        for (int64_t r = 0; r < kTile; ++r) {
+          const acc_t v = t[c * kTile + r];
+          m[r] = m[r] > v ? m[r] : v;
+          f[r] += nonfinite_term(v);
+          fq[r] += nonfinite_term(u[c * kTile + r]);
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+        for (int64_t r = 0; r < kTile; ++r) sm[r] += vexp_neg(t[c * kTile + r] - m[r]);
+      }
+#pragma omp simd
+      for (int64_t r = 0; r < kTile; ++r) l[r] = vlog(sm[r]), row[r] = 0;
+      for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+        for (int64_t r = 0; r < kTile; ++r) {
+          row[r] += u[c * kTile + r] * ((m[r] - t[c * kTile + r]) + l[r]);
+        }
+      }
+      for (int64_t r = 0; r < nt; ++r) acc += row[r];
+      for (int64_t r = 0; r < kTile; ++r) nfz += f[r], nfq += fq[r];
+    }
+    flags[0] = !(nfz == acc_t(0));
+    flags[1] = !(nfq == acc_t(0));
+    return acc;
+  }
   for (int64_t c0 = b0; c0 < b1; c0 += kChunk) {
     const int64_t c1 = std::min(b1, c0 + kChunk);
     rows_lse(z, C, c0, c1, mx, ls, nfz);
@@ -216,6 +266,44 @@ template <typename scalar_t, typename acc_t>
 OMNIFUSE_CPU_CLONES void soft_ce_logit_grad_rows(scalar_t* gz, const scalar_t* z,
                                                  const scalar_t* q, int64_t C, acc_t* e,
                                                  acc_t scale, int64_t b0, int64_t b1) {
+  if (C <= kSmallC) {  // short rows: transposed tiles, as the forward
+    acc_t t[kSmallC * kTile], u[kSmallC * kTile];
+    for (int64_t r0 = b0; r0 < b1; r0 += kTile) {
+      const int64_t nt = std::min(kTile, b1 - r0);
+      load_rows_tile(z, q, C, r0, nt, t, u);
+      acc_t m[kTile], sm[kTile], sq[kTile], k[kTile];
+      for (int64_t r = 0; r < kTile; ++r) m[r] = neg_inf<acc_t>(), sm[r] = sq[r] = 0;
+      for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+        for (int64_t r = 0; r < kTile; ++r) {
+          const acc_t v = t[c * kTile + r];
+          m[r] = m[r] > v ? m[r] : v;
+          sq[r] += u[c * kTile + r];
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+        for (int64_t r = 0; r < kTile; ++r) {
+          const acc_t ev = vexp_neg(t[c * kTile + r] - m[r]);
+          t[c * kTile + r] = ev;
+          sm[r] += ev;
+        }
+      }
+#pragma omp simd
+      for (int64_t r = 0; r < kTile; ++r) k[r] = scale * sq[r] / sm[r];
+      for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+        for (int64_t r = 0; r < kTile; ++r) {
+          t[c * kTile + r] = k[r] * t[c * kTile + r] - scale * u[c * kTile + r];
+        }
+      }
+      for (int64_t r = 0; r < nt; ++r) {
+        scalar_t* gr = gz + (r0 + r) * C;
+        for (int64_t c = 0; c < C; ++c) gr[c] = static_cast<scalar_t>(t[c * kTile + r]);
+      }
+    }
+    return;
+  }
   for (int64_t b = b0; b < b1; ++b) {
     const scalar_t* zr = z + b * C;
     const scalar_t* qr = q + b * C;
