@@ -5,6 +5,9 @@ A benchmark is a :class:`Case` (op, sizes, mode, dtype, value checks) run by a *
 - ``reference``: the eager reference path through the public API (``backend="reference"``);
 - ``compile``: ``torch.compile`` of the reference function, compiled once per case outside the
   timed region (the compiled graph has no value checks: they are skipped while tracing);
+
+Every provider runs with the default settings (value checks on); the fast backends also run
+each case with the checks off (a second column of the report).
 - every fast backend of ``omnifuse_fast.BACKENDS`` (``cpu``, ``triton``, ``cuda``), through the
   public API. A new backend shows up here by itself; an unavailable one is skipped with the
   dispatcher's reason, never dropped silently.
@@ -29,7 +32,7 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -94,7 +97,7 @@ class Case:
     dims: dict[str, int]
     mode: str = FWD_BWD
     dtype: torch.dtype = torch.float32
-    checks: bool = False
+    checks: bool = True  # the default settings: value checks on
     variant: str = ""
 
     @property
@@ -109,6 +112,11 @@ class Case:
             parts.append(self.variant)
         parts.append("checks_on" if self.checks else "checks_off")
         return "-".join(parts)
+
+    @property
+    def base_id(self) -> str:
+        """The id without the value-checks part: the same case with checks on and off."""
+        return self.id.rpartition("-")[0]
 
 
 @dataclass
@@ -153,6 +161,10 @@ def params(
 ) -> list:
     """``(case, provider)`` pytest params, reference and compile first within each case.
 
+    A case with value checks on (the default settings) also runs each fast backend with the
+    checks off (the same case with ``checks=False``), the report's second column; the
+    reference and compile providers run with the default settings only.
+
     ``skip`` maps a provider to the reason it is not benchmarked for these cases; ``ops`` are
     the ops a provider must run (default: the case's own op).
     """
@@ -163,7 +175,11 @@ def params(
             missing = [f"{op}: {r}" if ops else r for op, r in reasons if r]
             reason = (skip or {}).get(provider) or (missing[0] if missing else None)
             marks = [pytest.mark.skip(reason=f"{provider}: {reason}")] if reason else []
-            out.append(pytest.param(case, provider, id=f"{case.id}-{provider}", marks=marks))
+            variants = [case]
+            if case.checks and provider not in ("reference", "compile"):
+                variants.append(replace(case, checks=False))
+            for c in variants:
+                out.append(pytest.param(c, provider, id=f"{c.id}-{provider}", marks=marks))
     return out
 
 
@@ -300,9 +316,11 @@ def record(
         return float("nan")
     median = float(benchmark.stats.stats.median)
 
-    same_case = MEDIANS.setdefault((case.op, case.id), {})
-    same_case[provider] = median
-    ref, comp = same_case.get("reference"), same_case.get("compile")
+    # checks on and off of one case share the baselines (run with the default settings)
+    same_case = MEDIANS.setdefault((case.op, case.base_id), {})
+    same_case[provider if case.checks else f"{provider}/checks_off"] = median
+    ref = same_case.get("reference") or same_case.get("reference/checks_off")
+    comp = same_case.get("compile") or same_case.get("compile/checks_off")
     info = {
         "op": case.op,
         "case": case.id,

@@ -14,49 +14,43 @@ from omnifuse_fast.bench import floors
 BF16, FP32 = torch.bfloat16, torch.float32
 
 
-def _stats(b, m, c, dtype=FP32, checks=False, distance="ce"):
+def _stats(b, m, c, dtype=FP32, checks=True, distance="ce"):
     return Case("tla_stats", {"B": b, "M": m, "C": c}, FWD, dtype, checks, distance)
 
 
 def _stats_cases() -> list[Case]:
     ref = (65536, 4, 25)  # the reference case (forward only: no gradient exists)
-    smoke = [_stats(512, 4, 25), _stats(512, 4, 25, checks=True), _stats(512, 3, 8, distance="l2")]
+    smoke = [_stats(512, 4, 25), _stats(512, 3, 8, distance="l2")]
     default = [
         _stats(*ref),
-        _stats(*ref, checks=True),
         _stats(*ref, distance="l2"),
         _stats(*ref, dtype=BF16),
         _stats(16384, 8, 100),
     ]
     shapes = [(1 << 20, 2, 2), (1 << 20, 4, 25), (1 << 18, 8, 100), (1 << 16, 4, 1000)]
     large = [_stats(*s, dtype=dt) for dt in (FP32, BF16) for s in shapes]
-    large += [_stats(1 << 20, 4, 25, checks=True), _stats(1 << 20, 4, 25, distance="l1")]
+    large += [_stats(1 << 20, 4, 25, distance="l1")]
     return pick(smoke, default, large)
 
 
 def _loss_cases() -> list[Case]:
-    def loss(b, m, c, mode=FWD_BWD, dtype=FP32, checks=False):
+    def loss(b, m, c, mode=FWD_BWD, dtype=FP32, checks=True):
         return Case("tla_loss", {"B": b, "M": m, "C": c}, mode, dtype, checks)
 
-    smoke = [loss(512, 4, 25, FWD), loss(512, 4, 25), loss(512, 4, 25, checks=True)]
-    default = [loss(65536, 4, 25, FWD), loss(65536, 4, 25), loss(65536, 4, 25, checks=True)]
+    smoke = [loss(512, 4, 25, FWD), loss(512, 4, 25)]
+    default = [loss(65536, 4, 25, FWD), loss(65536, 4, 25)]
     large = [
         loss(b, m, c, mode, dt)
         for dt in (FP32, BF16)
         for b, m, c in [(1 << 20, 4, 25), (1 << 16, 4, 1000)]
         for mode in (FWD, FWD_BWD)
     ]
-    large += [loss(1 << 20, 4, 25, checks=True)]
     return pick(smoke, default, large)
 
 
 def _ids_cases() -> list[Case]:
     shapes = pick([(512, 4)], [(65536, 4)], [(1 << 20, 2), (1 << 20, 8)])
-    return [
-        Case("combination_ids", {"B": b, "M": m}, FWD, checks=checks)
-        for b, m in shapes
-        for checks in (False, True)
-    ]
+    return [Case("combination_ids", {"B": b, "M": m}, FWD) for b, m in shapes]
 
 
 def _logits_labels_comb(case: Case):

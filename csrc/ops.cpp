@@ -64,6 +64,10 @@ TORCH_LIBRARY(omnifuse_fast, m) {
   m.def(
       "soft_cross_entropy_backward(Tensor grad, Tensor logits, Tensor soft_labels)"
       " -> (Tensor, Tensor)");
+  // the logits' gradient alone, when the soft labels need none (CPU kernel only)
+  m.def(
+      "soft_cross_entropy_backward_logits(Tensor grad, Tensor logits, Tensor soft_labels)"
+      " -> Tensor");
 
   // MIMO (SPEC section 6): one pass for the 2x2 Gram, one pass for the direction.
   m.def("mimo_gram(Tensor[] g0, Tensor[] gw) -> Tensor");

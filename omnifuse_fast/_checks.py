@@ -1,9 +1,13 @@
-"""Input validation shared by every op, run once before any backend is chosen.
+"""Input validation shared by every op.
 
-Shape, dtype and device checks always run: they read metadata only. Value checks (label and
-index ranges, finite logits, empty ``present`` rows) read the data, so they can be switched
-off with :func:`set_value_checks` where that extra pass matters; they are also skipped while
-``torch.compile`` traces (a data-dependent branch would break the graph).
+Shape, dtype and device checks always run, before any backend is chosen: they read metadata
+only. Value checks (label and index ranges, finite logits, empty ``present`` rows) read the
+data, so (SPEC section 7) they belong where the data is read anyway: the backends of
+:data:`KERNEL_CHECKED` check them inside their kernels, and this module's second pass over the
+data runs only for the others (:func:`python_value_checks`). That pass can be switched off
+with :func:`set_value_checks`, and is skipped while ``torch.compile`` traces (a data-dependent
+branch would break the graph); the in-kernel checks of the C++ CPU kernels always run (they
+cost a few percent, and the index checks keep a bad label from touching memory out of bounds).
 """
 
 from __future__ import annotations
@@ -19,6 +23,16 @@ MIN_MODALITIES, MAX_MODALITIES = 2, 8
 
 _value_checks = True
 
+# Backends whose kernels check the values they read (ranges, finiteness) and raise these same
+# errors. Only "cpu" for now: triton and cuda keep the Python pass until their device-side
+# checks land (then they join this set and only "reference" reads the data twice).
+KERNEL_CHECKED: frozenset[str] = frozenset({"cpu"})
+
+
+def python_value_checks(backend: str) -> bool:
+    """Whether the ops run this module's value pass for the chosen ``backend``."""
+    return backend not in KERNEL_CHECKED
+
 
 class NonFiniteInputError(ValueError):
     """An input holds NaN or inf; the message names the argument.
@@ -29,7 +43,13 @@ class NonFiniteInputError(ValueError):
 
 
 def set_value_checks(enabled: bool) -> None:
-    """Turn the value checks (label/index ranges, finiteness) on or off for every op."""
+    """Turn the Python value checks (label/index ranges, finiteness) on or off for every op.
+
+    This switches off the second pass over the data that the reference path (and, until their
+    device checks land, the Triton and CUDA paths) makes. The C++ CPU kernels check the values
+    as they read them, at a few percent of their time, and keep doing so: a bad label never
+    reads or writes out of bounds, and the error is the same ValueError.
+    """
     global _value_checks
     _value_checks = bool(enabled)
 
@@ -199,59 +219,85 @@ def logits2(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def class_labels(name: str, labels: object, batch: int, num_classes: int) -> torch.Tensor:
-    """Multiclass labels: int64 ``[B]`` in ``[0, C)``."""
+def class_labels(
+    name: str, labels: object, batch: int, num_classes: int, values: bool = True
+) -> torch.Tensor:
+    """Multiclass labels: int64 ``[B]`` in ``[0, C)`` (the range only with ``values``)."""
     t = tensor(name, labels, ndim=1, shape=(batch,))
     if t.dtype != torch.int64:
         raise TypeError(
             f"{name} must be int64 class indices of shape [{batch}], got {t.dtype}: "
             f"convert with {name}.long()"
         )
-    in_range(
-        name,
-        t,
-        0,
-        num_classes - 1,
-        what="class indices",
-        hint=f"the logits have C = {num_classes} classes (their last dim)",
-    )
+    if values:
+        in_range(
+            name,
+            t,
+            0,
+            num_classes - 1,
+            what="class indices",
+            hint=f"the logits have C = {num_classes} classes (their last dim)",
+        )
     return t
 
 
-def labels_any(name: str, labels: object, batch: int, num_classes: int) -> bool:
-    """Multiclass int64 ``[B]`` or multilabel floating ``[B, C]`` in {0, 1}; True if multilabel."""
+def multilabel_values(name: str, t: torch.Tensor) -> None:
+    """Value check: a multilabel target holds only 0 and 1."""
+    if value_checks_enabled() and t.numel() and not bool(((t == 0) | (t == 1)).all()):
+        raise ValueError(
+            f"{name} (multilabel) must hold only 0 and 1: threshold soft targets, e.g. "
+            f"({name} > 0.5).float()"
+        )
+
+
+def labels_any(
+    name: str, labels: object, batch: int, num_classes: int, values: bool = True
+) -> bool:
+    """Multiclass int64 ``[B]`` or multilabel floating ``[B, C]`` in {0, 1}; True if multilabel.
+
+    The values (range, 0/1) are checked only with ``values``."""
     if isinstance(labels, torch.Tensor) and labels.dim() == 2:
         t = floating(name, labels, shape=(batch, num_classes))
-        if value_checks_enabled() and t.numel() and not bool(((t == 0) | (t == 1)).all()):
-            raise ValueError(
-                f"{name} (multilabel) must hold only 0 and 1: threshold soft targets, e.g. "
-                f"({name} > 0.5).float()"
-            )
+        if values:
+            multilabel_values(name, t)
         return True
-    class_labels(name, labels, batch, num_classes)
+    class_labels(name, labels, batch, num_classes, values)
     return False
 
 
-def present_mask(name: str, present: object) -> torch.Tensor:
-    """Bool ``[B, M]`` with 2 <= M <= 8 and no all-false row."""
-    t = tensor(name, present, ndim=2, dtypes=(torch.bool,), shape=(None, None))
-    num_modalities(t.shape[1], f"{name}.shape[1] (M)")
+def present_rows(name: str, t: torch.Tensor) -> None:
+    """Value check: no all-false row in a ``[B, M]`` mask."""
     if value_checks_enabled() and t.shape[0] and not bool(t.any(dim=1).all()):
         row = int((~t.any(dim=1)).nonzero()[0, 0])
         raise ValueError(
             f"{name} has a sample with no present modality (row {row}): every sample needs at "
             "least one; drop samples with nothing observed"
         )
+
+
+def present_mask(name: str, present: object, values: bool = True) -> torch.Tensor:
+    """Bool ``[B, M]`` with 2 <= M <= 8 and (with ``values``) no all-false row."""
+    t = tensor(name, present, ndim=2, dtypes=(torch.bool,), shape=(None, None))
+    num_modalities(t.shape[1], f"{name}.shape[1] (M)")
+    if values:
+        present_rows(name, t)
     return t
 
 
-def comb_ids(name: str, comb: object, batch: int, num_modalities_: int | None) -> torch.Tensor:
-    """Combination ids: integer ``[B]`` in ``1 .. 2**M - 1`` (M = 8 when not known)."""
+def comb_top(num_modalities_: int | None) -> int:
+    """The largest combination id of M modalities (M = 8 when not known)."""
+    return (1 << (num_modalities_ if num_modalities_ is not None else MAX_MODALITIES)) - 1
+
+
+def comb_ids(
+    name: str, comb: object, batch: int, num_modalities_: int | None, values: bool = True
+) -> torch.Tensor:
+    """Combination ids: integer ``[B]`` in ``1 .. 2**M - 1`` (the range only with ``values``)."""
     t = tensor(name, comb, ndim=1, dtypes=(torch.int64, torch.int32), shape=(batch,))
-    m = num_modalities_ if num_modalities_ is not None else MAX_MODALITIES
-    top = (1 << m) - 1
-    hint = f"ids of {m} modalities come from combination_ids(present) (0 means none present)"
-    in_range(name, t, 1, top, what="combination ids", hint=hint)
+    if values:
+        m = num_modalities_ if num_modalities_ is not None else MAX_MODALITIES
+        hint = f"ids of {m} modalities come from combination_ids(present) (0 means none present)"
+        in_range(name, t, 1, comb_top(num_modalities_), what="combination ids", hint=hint)
     return t
 
 

@@ -81,6 +81,8 @@ def compiled_samples() -> list[Sample]:
         ("modality_mix_backward", (_randn(B, M, D), t["src"], B)),
         ("soft_cross_entropy", (_randn(B, C, grad=True), t["q"].clone().requires_grad_(True))),
         ("soft_cross_entropy_backward", (one, z2, t["q"])),
+        ("soft_cross_entropy", (_randn(B, C, grad=True), t["q"].clone())),  # d logits only
+        ("soft_cross_entropy_backward_logits", (one, z2, t["q"])),
         ("mimo_gram", (g0, gw)),
         ("mimo_direction", (g0, gw, torch.tensor(0.25))),
     ]

@@ -133,3 +133,30 @@ def test_gpu_datasheet_peaks_by_name():
     assert floors.gpu_datasheet_peaks("NVIDIA H200", torch.float32).bandwidth == 4.8e12
     assert floors.gpu_datasheet_peaks("NVIDIA H100 PCIe", torch.float32) is None  # measured
     assert floors.gpu_datasheet_peaks("NVIDIA A10", torch.float32) is None
+
+
+def test_checks_off_runs_fold_into_the_default_row(tmp_path):
+    """Providers are compared with the default settings (checks on); the same case with the
+    checks off is a second column of its row, against the same compile baseline."""
+    on, off = "B8-C5-fp32-fwd_bwd-checks_on", "B8-C5-fp32-fwd_bwd-checks_off"
+    data = {
+        "benchmarks": [
+            _bench("soft_cross_entropy", on, "reference", 0.012),
+            _bench("soft_cross_entropy", on, "compile", 0.006),
+            _bench("soft_cross_entropy", on, "cpu", 0.003),
+            _bench("soft_cross_entropy", off, "cpu", 0.002),
+        ]
+    }
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    table = report.rows(report.load(path))
+    assert table[3].speedup_vs_compile == pytest.approx(3.0)  # baseline of the default run
+    folded = report.fold_checks_off(table)
+    assert [r.provider for r in folded] == ["reference", "compile", "cpu"]
+    cpu = folded[2]
+    assert cpu.speedup_vs_compile == pytest.approx(2.0)
+    assert cpu.checks_off_ms == pytest.approx(2.0)
+    assert cpu.checks_off_vs_compile == pytest.approx(3.0)
+    text = report.format_table(table)
+    assert "ms checks off" in text and "3.00x" in text
+    assert report.split_checks(on) == ("B8-C5-fp32-fwd_bwd", True)

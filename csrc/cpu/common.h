@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -20,12 +21,14 @@
 #include <sys/mman.h>
 #endif
 
-// Hot row loops are compiled twice, for x86-64-v3 (AVX2, FMA, F16C) and the baseline, and
+// Hot row loops are compiled three times, for x86-64-v4 (AVX-512: a 16-row tile of fp32 is one
+// register), x86-64-v3 (AVX2, FMA, F16C) and the baseline, and
 // picked at load time (GCC function multiversioning), so one binary is portable and uses AVX2
 // where it exists. Apply to functions that own a whole block of rows (one ifunc call each);
 // everything they call is OMNIFUSE_INLINE so that it is compiled for the clone's target.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define OMNIFUSE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define OMNIFUSE_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define OMNIFUSE_CPU_CLONES
 #endif
@@ -88,26 +91,100 @@ inline at::ScalarType acc_type(const Tensor& t) {
 // Value of a 0-dim (or one-element) tensor, e.g. the incoming gradient of a scalar loss.
 inline double scalar_value(const Tensor& t) { return t.item<double>(); }
 
-// Kernels trust validated input, but indices read from data are still bounds-checked (one
-// cheap pass over the int64 index tensor, before any kernel): with the value checks switched
-// off a bad label must raise, not read or write out of bounds. (Not inside the cloned row
-// functions: an exception must not unwind through a target_clones function.)
-inline void check_indices(const Tensor& idx, int64_t n, const char* what) {
-  const int64_t* p = idx.const_data_ptr<int64_t>();
-  const int64_t count = idx.numel();
-  int64_t lo = count ? p[0] : 0, hi = lo;
-  for (int64_t i = 1; i < count; ++i) {
-    lo = std::min(lo, p[i]);
-    hi = std::max(hi, p[i]);
+// ---- value checks (SPEC section 7) ------------------------------------------------------------
+// The CPU kernels check the values they read (label, comb and src ranges; finite logits) and
+// raise the same ValueError as the Python checks of omnifuse_fast/_checks.py, naming the public
+// argument. Index ranges are checked before any kernel reads through them (never out of
+// bounds); finiteness is accumulated inside the kernels' own passes and raised after them.
+// These checks run whatever set_value_checks says: they cost a few percent of an op, and the
+// index checks are what keeps a bad label from reading or writing out of bounds. (Never thrown
+// inside the cloned row functions: an exception must not unwind through a target_clones
+// function; they return flags instead.)
+
+// Like Python's _checks._describe: "shape (4, 3, 5), dtype torch.float32, device cpu".
+inline std::string describe(const Tensor& t) {
+  std::string shape = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    shape += std::to_string(t.size(i));
+    if (i + 1 < t.dim() || t.dim() == 1) shape += t.dim() == 1 ? "," : ", ";
   }
-  TORCH_CHECK(count == 0 || (lo >= 0 && hi < n), "omnifuse_fast: ", what,
-              " index out of range: got values in [", lo, ", ", hi, "], expected [0, ", n, ")");
+  shape += ")";
+  const char* dtype = "unknown";
+  switch (t.scalar_type()) {
+    case at::kFloat: dtype = "torch.float32"; break;
+    case at::kDouble: dtype = "torch.float64"; break;
+    case at::kHalf: dtype = "torch.float16"; break;
+    case at::kBFloat16: dtype = "torch.bfloat16"; break;
+    case at::kLong: dtype = "torch.int64"; break;
+    case at::kInt: dtype = "torch.int32"; break;
+    case at::kBool: dtype = "torch.bool"; break;
+    default: break;
+  }
+  return "shape " + shape + ", dtype " + dtype + ", device " + t.device().str();
 }
 
-// The same check on one index (for loops outside the cloned functions).
-inline void check_index(int64_t i, int64_t n, const char* what) {
-  TORCH_CHECK(0 <= i && i < n, "omnifuse_fast: ", what, " index ", i, " is out of range [0, ", n,
-              ")");
+// (min, max) of p[0, n) (vectorizable: no early exit).
+template <typename T>
+OMNIFUSE_CPU_CLONES void minmax_rows(const T* p, int64_t n, int64_t* out) {
+  T lo = std::numeric_limits<T>::max(), hi = std::numeric_limits<T>::lowest();
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+  for (int64_t i = 0; i < n; ++i) {
+    lo = p[i] < lo ? p[i] : lo;
+    hi = p[i] > hi ? p[i] : hi;
+  }
+  out[0] = static_cast<int64_t>(lo);
+  out[1] = static_cast<int64_t>(hi);
+}
+
+// Raises ValueError "<name> <what> must be in [lo, hi], got min X, max Y" (the Python check's
+// message) unless every value of the integer tensor idx is in [lo, hi]. One parallel pass over
+// the (small) index tensor, before any kernel indexes with it.
+inline void check_range(const Tensor& idx_in, int64_t lo, int64_t hi, const char* name,
+                        const char* what) {
+  const Tensor idx = idx_in.contiguous();
+  const int64_t n = idx.numel();
+  if (n == 0) return;
+  constexpr int64_t kRange = 1 << 14;
+  const int64_t nblk = (n + kRange - 1) / kRange;
+  std::vector<int64_t> mm(2 * nblk);
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t s = b * kRange, len = std::min(n, s + kRange) - s;
+      if (idx.scalar_type() == at::kInt) {
+        minmax_rows(idx.const_data_ptr<int32_t>() + s, len, mm.data() + 2 * b);
+      } else {
+        minmax_rows(idx.const_data_ptr<int64_t>() + s, len, mm.data() + 2 * b);
+      }
+    }
+  });
+  int64_t tmin = mm[0], tmax = mm[1];
+  for (int64_t b = 1; b < nblk; ++b) {
+    tmin = std::min(tmin, mm[2 * b]);
+    tmax = std::max(tmax, mm[2 * b + 1]);
+  }
+  TORCH_CHECK_VALUE(tmin >= lo && tmax <= hi, name, " ", what, " must be in [", lo, ", ", hi,
+                    "], got min ", tmin, ", max ", tmax);
+}
+
+// Class labels: int64 in [0, C).
+inline void check_labels(const Tensor& labels, int64_t C, const char* name = "labels") {
+  check_range(labels, 0, C - 1, name, "class indices");
+}
+
+// Raises the Python check's ValueError for a non-finite tensor when any flag is set.
+inline void check_finite_flags(const std::vector<uint8_t>& bad, const Tensor& t,
+                               const char* name) {
+  bool any = false;
+  for (uint8_t b : bad) any = any || b;
+  TORCH_CHECK_VALUE(!any, name, " must be finite; it holds NaN or inf (", describe(t), ")");
+}
+
+// 0 for finite x, NaN for +-inf and NaN: summed over a pass, a non-zero (NaN) total flags a
+// non-finite value with one subtract and one add per element (vectorizes; needs no
+// -ffinite-math-only, which the build does not use).
+template <typename T>
+OMNIFUSE_INLINE T nonfinite_term(T x) {
+  return x - x;
 }
 
 template <typename T>
@@ -220,13 +297,16 @@ OMNIFUSE_INLINE acc_t label_sign(scalar_t y) {
 
 template <typename scalar_t, typename acc_t, bool kSumSq = false>
 OMNIFUSE_INLINE void class_row_sums(const scalar_t* z, int64_t C, int64_t y, acc_t& mo_out,
-                                    acc_t& so_out, acc_t& sq_out) {
-  acc_t mo = neg_inf<acc_t>();
-#pragma omp simd reduction(max : mo)
+                                    acc_t& so_out, acc_t& sq_out, acc_t& nf_out) {
+  acc_t mo = neg_inf<acc_t>(), nf = 0;
+#pragma omp simd reduction(max : mo) reduction(+ : nf)
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t v = c == y ? neg_inf<acc_t>() : static_cast<acc_t>(z[c]);
+    const acc_t x = static_cast<acc_t>(z[c]);
+    const acc_t v = c == y ? neg_inf<acc_t>() : x;
     mo = mo > v ? mo : v;
+    nf += nonfinite_term(x);
   }
+  nf_out += nf;
   acc_t so = 0, sq = 0;
 #pragma omp simd reduction(+ : so, sq)
   for (int64_t c = 0; c < C; ++c) {
@@ -269,21 +349,28 @@ OMNIFUSE_INLINE void load_tile(const scalar_t* z, int64_t C, const int64_t* row,
 template <typename acc_t, int64_t N>
 struct ClassRows {
   int64_t n = 0;
+  acc_t nf = 0;                      // sum of nonfinite_term over every value read (n = 0 keeps it)
   acc_t mo[N], so[N], sq[N], zy[N];  // stage 1
   acc_t ls[N], lc[N], ce[N];         // stage 2: log so, log(1 - p_y), CE
 
+  // Whether a row read so far held NaN or inf.
+  OMNIFUSE_INLINE bool nonfinite() const { return !(nf == acc_t(0)); }
+
   template <typename scalar_t, bool kSumSq = false>
   OMNIFUSE_INLINE void add(const scalar_t* z, int64_t C, int64_t y) {
-    class_row_sums<scalar_t, acc_t, kSumSq>(z, C, y, mo[n], so[n], sq[n]);
+    class_row_sums<scalar_t, acc_t, kSumSq>(z, C, y, mo[n], so[n], sq[n], nf);
     zy[n] = static_cast<acc_t>(z[y]);
     ++n;
   }
 
   // Adds rows z + row[i] * C with labels ys[i], i < count (n + count <= N). Short rows are
   // transposed a tile at a time so that the max and exp-sum passes run across rows.
+  // ebuf (optional, short rows only): receives exp(z_c - mo) of every row, tile by tile in the
+  // transposed [C][kTile] layout (tile k at ebuf + k C kTile; 0 in the y lane), so that a
+  // gradient can be written from it without a second exp per element (write_class_grads_e).
   template <typename scalar_t, bool kSumSq = false>
   OMNIFUSE_INLINE void add_rows(const scalar_t* z, int64_t C, const int64_t* row, const int64_t* ys,
-                                int64_t count) {
+                                int64_t count, acc_t* ebuf = nullptr) {
     if (C > kSmallC) {
       for (int64_t i = 0; i < count; ++i) add<scalar_t, kSumSq>(z + row[i] * C, C, ys[i]);
       return;
@@ -293,22 +380,27 @@ struct ClassRows {
     for (int64_t i0 = 0; i0 < count; i0 += kTile) {
       const int64_t nt = std::min(kTile, count - i0);
       load_tile(z, C, row + i0, ys + i0, nt, t, yt);
-      acc_t m[kTile], s[kTile], q[kTile];
-      for (int64_t r = 0; r < kTile; ++r) m[r] = neg_inf<acc_t>();
+      acc_t m[kTile], s[kTile], q[kTile], f[kTile];
+      for (int64_t r = 0; r < kTile; ++r) m[r] = neg_inf<acc_t>(), f[r] = 0;
       for (tile_label_t<acc_t> c = 0; c < C; ++c) {
 #pragma omp simd
         for (int64_t r = 0; r < kTile; ++r) {
-          const acc_t v = c == yt[r] ? neg_inf<acc_t>() : t[c * kTile + r];
+          const acc_t x = t[c * kTile + r];
+          const acc_t v = c == yt[r] ? neg_inf<acc_t>() : x;
           m[r] = m[r] > v ? m[r] : v;
+          f[r] += nonfinite_term(x);
         }
       }
+      for (int64_t r = 0; r < kTile; ++r) nf += f[r];
       for (int64_t r = 0; r < kTile; ++r) s[r] = q[r] = 0;
+      acc_t* et = ebuf ? ebuf + (i0 / kTile) * C * kTile : nullptr;
       for (tile_label_t<acc_t> c = 0; c < C; ++c) {
 #pragma omp simd
         for (int64_t r = 0; r < kTile; ++r) {
           const acc_t e = c == yt[r] ? acc_t(0) : vexp_neg(t[c * kTile + r] - m[r]);
           s[r] += e;
           if (kSumSq) q[r] += e * e;
+          if (et) et[c * kTile + r] = e;
         }
       }
       for (int64_t r = 0; r < nt; ++r) {
@@ -376,6 +468,36 @@ OMNIFUSE_INLINE void write_class_grads(scalar_t* g, const scalar_t* z, int64_t C
       for (int64_t r = 0; r < kTile; ++r) {
         const acc_t e = vexp_neg((t[c * kTile + r] - m[r]) - l[r]);  // <= 0 but in the y lane
         t[c * kTile + r] = c == yt[r] ? -k[r] : k[r] * e;
+      }
+    }
+    for (int64_t r = 0; r < nt; ++r) {
+      scalar_t* gr = g + row[i0 + r] * C;
+      for (int64_t c = 0; c < C; ++c) gr[c] = static_cast<scalar_t>(t[c * kTile + r]);
+    }
+  }
+}
+
+// write_class_grads from the exps that add_rows stored in ebuf (C <= kSmallC, rows added from
+// index 0 in the same order): d/dz_c = kappa q_c = (kappa / so) e_c for c != y, -kappa for y.
+template <typename scalar_t, typename acc_t>
+OMNIFUSE_INLINE void write_class_grads_e(scalar_t* g, const acc_t* ebuf, int64_t C,
+                                         const int64_t* row, const int64_t* ys, const acc_t* so,
+                                         const acc_t* kappa, int64_t count) {
+  acc_t t[kSmallC * kTile];
+  for (int64_t i0 = 0; i0 < count; i0 += kTile) {
+    const int64_t nt = std::min(kTile, count - i0);
+    const acc_t* et = ebuf + (i0 / kTile) * C * kTile;
+    acc_t k[kTile], ks[kTile];
+    tile_label_t<acc_t> yt[kTile];
+    for (int64_t r = 0; r < kTile; ++r) {
+      k[r] = r < nt ? kappa[i0 + r] : acc_t(0);
+      ks[r] = r < nt ? kappa[i0 + r] / so[i0 + r] : acc_t(0);
+      yt[r] = r < nt ? static_cast<tile_label_t<acc_t>>(ys[i0 + r]) : 0;
+    }
+    for (tile_label_t<acc_t> c = 0; c < C; ++c) {
+#pragma omp simd
+      for (int64_t r = 0; r < kTile; ++r) {
+        t[c * kTile + r] = c == yt[r] ? -k[r] : ks[r] * et[c * kTile + r];
       }
     }
     for (int64_t r = 0; r < nt; ++r) {

@@ -43,8 +43,10 @@ template <typename acc_t>
 struct ClassBlock {
   static constexpr int64_t N = kBlock * kMaxM;
   ClassRows<acc_t, N> rows;
+  acc_t* ebuf = nullptr;  // when set (C <= kSmallC): the stats pass keeps its exps here
   acc_t w[N], t0[N], t1[N];
   int64_t row[N], ys[N];  // row index into the [B * M, C] logits, and its label
+  bool nonfinite = false;  // a logit of the block is NaN or inf
 };
 
 // lc, ce and w of every row (b, m) of samples [b0, b1); row i = (b - b0) M + m.
@@ -57,7 +59,8 @@ OMNIFUSE_INLINE void class_block(const scalar_t* z, const int64_t* y, int64_t M,
     s.ys[i] = y[b0 + i / M];
   }
   s.rows.n = 0;
-  s.rows.add_rows(z, C, s.row, s.ys, n);
+  s.rows.add_rows(z, C, s.row, s.ys, n, s.ebuf);
+  s.nonfinite = s.rows.nonfinite();
   s.rows.finish();
   for (int64_t i = 0; i < n; i += M) sum_others(s.rows.lc + i, M, 1, s.w + i);
 #pragma omp simd
@@ -66,26 +69,38 @@ OMNIFUSE_INLINE void class_block(const scalar_t* z, const int64_t* y, int64_t M,
 
 template <typename scalar_t, typename acc_t>
 OMNIFUSE_CPU_CLONES acc_t class_loss_rows(const scalar_t* z, const int64_t* y, int64_t M, int64_t C,
-                                          acc_t bm, int64_t b0, int64_t b1) {
+                                          acc_t bm, int64_t b0, int64_t b1, uint8_t* nonfinite) {
   ClassBlock<acc_t> s;
   class_block(z, y, M, C, bm, b0, b1, s);
   acc_t acc = 0;
   for (int64_t i = 0; i < s.rows.n; ++i) acc += s.w[i] * s.rows.ce[i];
+  *nonfinite = s.nonfinite;
   return acc;
 }
 
 // Writes every row's gradient given kappa (in s.t0).
+// (From the exps the stats pass kept, when it kept them: one exp per logit, not two.)
 template <typename scalar_t, typename acc_t>
 OMNIFUSE_INLINE void write_block_grads(scalar_t* g, const scalar_t* z, int64_t C,
                                        const ClassBlock<acc_t>& s) {
-  write_class_grads(g, z, C, s.row, s.ys, s.rows.mo, s.rows.ls, s.t0, s.rows.n);
+  if (s.ebuf) {
+    write_class_grads_e(g, s.ebuf, C, s.row, s.ys, s.rows.so, s.t0, s.rows.n);
+  } else {
+    write_class_grads(g, z, C, s.row, s.ys, s.rows.mo, s.rows.ls, s.t0, s.rows.n);
+  }
 }
+
 
 template <typename scalar_t, typename acc_t>
 OMNIFUSE_CPU_CLONES void class_loss_grad_rows(scalar_t* g, const scalar_t* z, const int64_t* y,
                                               int64_t M, int64_t C, acc_t bm, acc_t scale,
                                               bool detach, int64_t b0, int64_t b1) {
   ClassBlock<acc_t> s;
+  std::vector<acc_t> exps;
+  if (C <= kSmallC) {
+    exps.resize((ClassBlock<acc_t>::N / kTile + 1) * kTile * C);
+    s.ebuf = exps.data();
+  }
   class_block(z, y, M, C, bm, b0, b1, s);
   const int64_t n = s.rows.n;
   if (detach) {
@@ -108,10 +123,12 @@ OMNIFUSE_CPU_CLONES void class_loss_grad_rows(scalar_t* g, const scalar_t* z, co
 
 template <typename scalar_t, typename acc_t>
 OMNIFUSE_CPU_CLONES void class_weight_rows(scalar_t* out, const scalar_t* z, const int64_t* y,
-                                           int64_t M, int64_t C, acc_t bm, int64_t b0, int64_t b1) {
+                                           int64_t M, int64_t C, acc_t bm, int64_t b0, int64_t b1,
+                                           uint8_t* nonfinite) {
   ClassBlock<acc_t> s;
   class_block(z, y, M, C, bm, b0, b1, s);
   for (int64_t i = 0; i < s.rows.n; ++i) out[b0 * M + i] = static_cast<scalar_t>(s.w[i]);
+  *nonfinite = s.nonfinite;
 }
 
 // d/dz of sum_k g_k w_k: kappa = A p_y with A = beta' sum_{k != m} g_k w_k.
@@ -120,6 +137,11 @@ OMNIFUSE_CPU_CLONES void class_weight_grad_rows(scalar_t* g, const acc_t* gw, co
                                                 const int64_t* y, int64_t M, int64_t C, acc_t bm,
                                                 int64_t b0, int64_t b1) {
   ClassBlock<acc_t> s;
+  std::vector<acc_t> exps;
+  if (C <= kSmallC) {
+    exps.resize((ClassBlock<acc_t>::N / kTile + 1) * kTile * C);
+    s.ebuf = exps.data();
+  }
   class_block(z, y, M, C, bm, b0, b1, s);
   const int64_t n = s.rows.n;
 #pragma omp simd
@@ -133,10 +155,25 @@ OMNIFUSE_CPU_CLONES void class_weight_grad_rows(scalar_t* g, const acc_t* gw, co
 // ---- multilabel: per sample [M, C]; buf holds 5 M C accumulators ----------------------------
 
 // lc = logsigmoid(t) and ce = softplus(t) with t = s z share a = log(1 + exp(-|t|)).
+// Value checks ride along (flags, see common.h): nf sums nonfinite_term of every logit, nl
+// counts labels other than 0 and 1.
 template <typename scalar_t, typename acc_t>
 OMNIFUSE_INLINE void label_sample(const scalar_t* z, const scalar_t* y, int64_t M, int64_t C,
-                                  acc_t bm, acc_t* lc, acc_t* ce, acc_t* w) {
+                                  acc_t bm, acc_t* lc, acc_t* ce, acc_t* w, acc_t& nf, acc_t& nl) {
+  acc_t bad = 0;
+#pragma omp simd reduction(+ : bad)
+  for (int64_t l = 0; l < C; ++l) {
+    const acc_t v = static_cast<acc_t>(y[l]);
+    bad += (v == acc_t(0) || v == acc_t(1)) ? acc_t(0) : acc_t(1);
+  }
+  nl += bad;
   for (int64_t m = 0; m < M; ++m) {
+    acc_t f = 0;
+#pragma omp simd reduction(+ : f)
+    for (int64_t l = 0; l < C; ++l) {
+      f += nonfinite_term(static_cast<acc_t>(z[m * C + l]));
+    }
+    nf += f;
 #pragma omp simd
     for (int64_t l = 0; l < C; ++l) {
       const acc_t t = label_sign<acc_t>(y[l]) * static_cast<acc_t>(z[m * C + l]);
@@ -152,16 +189,19 @@ OMNIFUSE_INLINE void label_sample(const scalar_t* z, const scalar_t* y, int64_t 
 
 template <typename scalar_t, typename acc_t>
 OMNIFUSE_CPU_CLONES acc_t label_loss_rows(const scalar_t* z, const scalar_t* y, int64_t M,
-                                          int64_t C, acc_t bm, acc_t* buf, int64_t b0, int64_t b1) {
+                                          int64_t C, acc_t bm, acc_t* buf, int64_t b0, int64_t b1,
+                                          uint8_t* flags) {
   acc_t *lc = buf, *ce = lc + M * C, *w = ce + M * C;
-  acc_t acc = 0;
+  acc_t acc = 0, nf = 0, nl = 0;
   for (int64_t b = b0; b < b1; ++b) {
-    label_sample(z + b * M * C, y + b * C, M, C, bm, lc, ce, w);
+    label_sample(z + b * M * C, y + b * C, M, C, bm, lc, ce, w, nf, nl);
     acc_t row = 0;
 #pragma omp simd reduction(+ : row)
     for (int64_t i = 0; i < M * C; ++i) row += w[i] * ce[i];
     acc += row / static_cast<acc_t>(C);
   }
+  flags[0] = !(nf == acc_t(0));
+  flags[1] = nl != acc_t(0);
   return acc;
 }
 
@@ -171,9 +211,10 @@ OMNIFUSE_CPU_CLONES void label_loss_grad_rows(scalar_t* g, const scalar_t* z, co
                                               int64_t M, int64_t C, acc_t bm, acc_t scale,
                                               bool detach, acc_t* buf, int64_t b0, int64_t b1) {
   acc_t *lc = buf, *ce = lc + M * C, *w = ce + M * C, *wce = w + M * C, *a = wce + M * C;
+  acc_t nf = 0, nl = 0;  // checked by the forward
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t o = b * M * C;
-    label_sample(z + o, y + b * C, M, C, bm, lc, ce, w);
+    label_sample(z + o, y + b * C, M, C, bm, lc, ce, w, nf, nl);
     if (detach) {
       for (int64_t i = 0; i < M * C; ++i) a[i] = 0;
     } else {
@@ -195,12 +236,15 @@ OMNIFUSE_CPU_CLONES void label_loss_grad_rows(scalar_t* g, const scalar_t* z, co
 template <typename scalar_t, typename acc_t>
 OMNIFUSE_CPU_CLONES void label_weight_rows(scalar_t* out, const scalar_t* z, const scalar_t* y,
                                            int64_t M, int64_t C, acc_t bm, acc_t* buf, int64_t b0,
-                                           int64_t b1) {
+                                           int64_t b1, uint8_t* flags) {
   acc_t *lc = buf, *ce = lc + M * C, *w = ce + M * C;
+  acc_t nf = 0, nl = 0;
   for (int64_t b = b0; b < b1; ++b) {
-    label_sample(z + b * M * C, y + b * C, M, C, bm, lc, ce, w);
+    label_sample(z + b * M * C, y + b * C, M, C, bm, lc, ce, w, nf, nl);
     for (int64_t i = 0; i < M * C; ++i) out[b * M * C + i] = static_cast<scalar_t>(w[i]);
   }
+  flags[0] = !(nf == acc_t(0));
+  flags[1] = nl != acc_t(0);
 }
 
 // d/dz of sum g w: s A sigmoid(-t) with A = beta' sum_{k != m} g_k w_k per label.
@@ -209,9 +253,10 @@ OMNIFUSE_CPU_CLONES void label_weight_grad_rows(scalar_t* g, const acc_t* gw, co
                                                 const scalar_t* y, int64_t M, int64_t C, acc_t bm,
                                                 acc_t* buf, int64_t b0, int64_t b1) {
   acc_t *lc = buf, *ce = lc + M * C, *w = ce + M * C, *gww = w + M * C, *a = gww + M * C;
+  acc_t nf = 0, nl = 0;  // checked by the forward
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t o = b * M * C;
-    label_sample(z + o, y + b * C, M, C, bm, lc, ce, w);
+    label_sample(z + o, y + b * C, M, C, bm, lc, ce, w, nf, nl);
 #pragma omp simd
     for (int64_t i = 0; i < M * C; ++i) gww[i] = gw[o + i] * w[i];
     sum_others(gww, M, C, a);
@@ -235,12 +280,26 @@ inline acc_t beta_per_other(double beta, int64_t M) {
 
 bool is_multilabel(const Tensor& labels) { return labels.dim() == 2; }
 
+// Per block: [2 blk] a non-finite logit, [2 blk + 1] a multilabel label other than 0/1. Raised
+// after the kernel like the Python checks: labels first, then the logits.
+void raise_flags(const std::vector<uint8_t>& flags, const Tensor& logits) {
+  bool logit = false, label = false;
+  for (size_t i = 0; i < flags.size(); i += 2) {
+    logit = logit || flags[i];
+    label = label || flags[i + 1];
+  }
+  TORCH_CHECK_VALUE(!label, "labels (multilabel) must hold only 0 and 1");
+  TORCH_CHECK_VALUE(!logit, "modality_logits must be finite; it holds NaN or inf (",
+                    describe(logits), ")");
+}
+
 Tensor dwfuse_weights_cpu(const Tensor& logits_in, const Tensor& labels_in, double beta) {
   const Tensor logits = logits_in.contiguous();
   const Tensor labels = labels_in.contiguous();
   const int64_t B = logits.size(0), M = logits.size(1), C = logits.size(2);
   const bool ml = is_multilabel(labels);
-  if (!ml) check_indices(labels, C, "class label");
+  if (!ml) check_labels(labels, C);
+  std::vector<uint8_t> flags(2 * num_blocks(B, kBlock), 0);
   Tensor out =
       ml ? empty_output({B, M, C}, logits.options()) : empty_output({B, M}, logits.options());
   OMNIFUSE_DISPATCH_FLOATS(logits.scalar_type(), "dwfuse_weights", [&] {
@@ -248,15 +307,18 @@ Tensor dwfuse_weights_cpu(const Tensor& logits_in, const Tensor& labels_in, doub
     const acc_t bm = beta_per_other<acc_t>(beta, M);
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    for_blocks(B, kBlock, [&](int64_t, int64_t b0, int64_t b1) {
+    for_blocks(B, kBlock, [&](int64_t blk, int64_t b0, int64_t b1) {
+      uint8_t* f = flags.data() + 2 * blk;
       if (ml) {
         std::vector<acc_t> buf(5 * M * C);
-        label_weight_rows(o, z, labels.const_data_ptr<scalar_t>(), M, C, bm, buf.data(), b0, b1);
+        label_weight_rows(o, z, labels.const_data_ptr<scalar_t>(), M, C, bm, buf.data(), b0, b1,
+                          f);
       } else {
-        class_weight_rows(o, z, labels.const_data_ptr<int64_t>(), M, C, bm, b0, b1);
+        class_weight_rows(o, z, labels.const_data_ptr<int64_t>(), M, C, bm, b0, b1, f);
       }
     });
   });
+  raise_flags(flags, logits);
   return out;
 }
 
@@ -266,7 +328,7 @@ Tensor dwfuse_weights_backward_cpu(const Tensor& grad_in, const Tensor& logits_i
   const Tensor labels = labels_in.contiguous();
   const int64_t B = logits.size(0), M = logits.size(1), C = logits.size(2);
   const bool ml = is_multilabel(labels);
-  if (!ml) check_indices(labels, C, "class label");
+  if (!ml) check_labels(labels, C);
   const Tensor grad = grad_in.to(acc_type(logits)).contiguous();  // exact upcast
   Tensor gz = empty_output_like(logits);
   OMNIFUSE_DISPATCH_FLOATS(logits.scalar_type(), "dwfuse_weights_backward", [&] {
@@ -295,23 +357,27 @@ Tensor dwfuse_loss_cpu(const Tensor& logits_in, const Tensor& labels_in, double 
   const Tensor labels = labels_in.contiguous();
   const int64_t B = logits.size(0), M = logits.size(1), C = logits.size(2);
   const bool ml = is_multilabel(labels);
-  if (!ml) check_indices(labels, C, "class label");
+  if (!ml) check_labels(labels, C);
   std::vector<double> partial(num_blocks(B, kBlock), 0.0);
+  std::vector<uint8_t> flags(2 * num_blocks(B, kBlock), 0);
   OMNIFUSE_DISPATCH_FLOATS(logits.scalar_type(), "dwfuse_loss", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t bm = beta_per_other<acc_t>(beta, M);
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     for_blocks(B, kBlock, [&](int64_t blk, int64_t b0, int64_t b1) {
       acc_t acc;
+      uint8_t* f = flags.data() + 2 * blk;
       if (ml) {
         std::vector<acc_t> buf(5 * M * C);
-        acc = label_loss_rows(z, labels.const_data_ptr<scalar_t>(), M, C, bm, buf.data(), b0, b1);
+        acc = label_loss_rows(z, labels.const_data_ptr<scalar_t>(), M, C, bm, buf.data(), b0, b1,
+                              f);
       } else {
-        acc = class_loss_rows(z, labels.const_data_ptr<int64_t>(), M, C, bm, b0, b1);
+        acc = class_loss_rows(z, labels.const_data_ptr<int64_t>(), M, C, bm, b0, b1, f);
       }
       partial[blk] = static_cast<double>(acc);
     });
   });
+  raise_flags(flags, logits);
   double total = 0.0;
   for (double p : partial) total += p;  // blocks in order: deterministic
   return at::scalar_tensor(total / static_cast<double>(B), logits.options());
@@ -323,7 +389,7 @@ Tensor dwfuse_loss_backward_cpu(const Tensor& grad, const Tensor& logits_in,
   const Tensor labels = labels_in.contiguous();
   const int64_t B = logits.size(0), M = logits.size(1), C = logits.size(2);
   const bool ml = is_multilabel(labels);
-  if (!ml) check_indices(labels, C, "class label");
+  if (!ml) check_labels(labels, C);
   // multilabel losses average over the C labels too
   const double scale = scalar_value(grad) / static_cast<double>(B) / (ml ? C : 1);
   Tensor gz = empty_output_like(logits);

@@ -18,6 +18,9 @@ std::tuple<Tensor, Tensor> modality_mix_cpu(const Tensor& v_in, const Tensor& la
   const int64_t B = src.size(1), M = v.size(1), D = v.size(2), C = num_classes;
   const int64_t Bs = v.size(0);
   TORCH_CHECK(M <= 8, "omnifuse_fast::modality_mix: at most 8 modalities, got ", M);
+  // value checks before any row is gathered through them (small int tensors: one pass each)
+  check_labels(labels, C);
+  check_range(src, 0, Bs - 1, "src", "source indices");
   // per-sample proportions [B, M] in the accumulation dtype; uniform when absent
   Tensor w;
   if (weights_in.has_value() && weights_in->defined()) {
@@ -40,10 +43,8 @@ std::tuple<Tensor, Tensor> modality_mix_cpu(const Tensor& v_in, const Tensor& la
         bool same = true;
         for (int64_t m = 0; m < M; ++m) {
           const int64_t s = sp[m * B + b];
-          check_index(s, Bs, "src");
           std::memcpy(out + (b * M + m) * D, vp + (s * M + m) * D, D * sizeof(scalar_t));
           ys[m] = y[s];
-          check_index(ys[m], C, "class label");
           same = same && ys[m] == ys[0];
         }
         scalar_t* row = q + b * C;
@@ -81,16 +82,14 @@ Tensor modality_mix_backward_cpu(const Tensor& grad_in, const Tensor& src_in, in
   const Tensor grad = grad_in.contiguous();
   const Tensor src = src_in.to(at::kLong).contiguous();
   const int64_t B = grad.size(0), M = grad.size(1), D = grad.size(2), N = batch;
+  check_range(src, 0, N - 1, "src", "source indices");
   std::vector<int64_t> start(M * (N + 1), 0), order(M * B);
   const int64_t* sp = src.const_data_ptr<int64_t>();
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       int64_t* st = start.data() + m * (N + 1);
       const int64_t* s = sp + m * B;
-      for (int64_t b = 0; b < B; ++b) {
-        check_index(s[b], N, "src");
-        ++st[s[b] + 1];
-      }
+      for (int64_t b = 0; b < B; ++b) ++st[s[b] + 1];
       for (int64_t i = 0; i < N; ++i) st[i + 1] += st[i];
       std::vector<int64_t> pos(st, st + N);
       int64_t* ord = order.data() + m * B;
@@ -133,15 +132,17 @@ constexpr int64_t kChunk = 256;
 
 template <typename scalar_t, typename acc_t>
 OMNIFUSE_INLINE void rows_lse(const scalar_t* z, int64_t C, int64_t c0, int64_t c1, acc_t* mx,
-                              acc_t* ls) {
+                              acc_t* ls, acc_t& nf) {
   for (int64_t b = c0; b < c1; ++b) {
     const scalar_t* zr = z + b * C;
-    acc_t m = neg_inf<acc_t>();
-#pragma omp simd reduction(max : m)
+    acc_t m = neg_inf<acc_t>(), f = 0;
+#pragma omp simd reduction(max : m) reduction(+ : f)
     for (int64_t c = 0; c < C; ++c) {
       const acc_t v = static_cast<acc_t>(zr[c]);
       m = m > v ? m : v;
+      f += nonfinite_term(v);
     }
+    nf += f;
     acc_t s = 0;
 #pragma omp simd reduction(+ : s)
     for (int64_t c = 0; c < C; ++c) s += vexp_neg(static_cast<acc_t>(zr[c]) - m);
@@ -154,25 +155,81 @@ OMNIFUSE_INLINE void rows_lse(const scalar_t* z, int64_t C, int64_t c0, int64_t 
 
 constexpr int64_t kBlock = 256;
 
-// sum over rows of sum_c q_c (-log_softmax_c), term by term.
+// Rows [r0, r0 + nt) of z and q (C <= kSmallC) as [C][kTile] tiles in acc_t; padding rows
+// read z = 0, q = 0 (finite, and they add 0 to every sum over q).
 template <typename scalar_t, typename acc_t>
-OMNIFUSE_CPU_CLONES acc_t soft_ce_rows(const scalar_t* z, const scalar_t* q, int64_t C, int64_t b0,
-                                       int64_t b1) {
-  acc_t mx[kChunk], ls[kChunk];
-  acc_t acc = 0;
-  for (int64_t c0 = b0; c0 < b1; c0 += kChunk) {
-    const int64_t c1 = std::min(b1, c0 + kChunk);
-    rows_lse(z, C, c0, c1, mx, ls);
-    for (int64_t b = c0; b < c1; ++b) {
-      const acc_t m = mx[b - c0], l = ls[b - c0];
-      acc_t row = 0;
-#pragma omp simd reduction(+ : row)
-      for (int64_t c = 0; c < C; ++c) {
-        row += static_cast<acc_t>(q[b * C + c]) * ((m - static_cast<acc_t>(z[b * C + c])) + l);
-      }
-      acc += row;
+OMNIFUSE_INLINE void load_rows_tile(const scalar_t* z, const scalar_t* q, int64_t C, int64_t r0,
+                                    int64_t nt, acc_t* t, acc_t* u) {
+  for (int64_t r = 0; r < kTile; ++r) {
+    const scalar_t* zr = z + (r0 + r) * C;
+    const scalar_t* qr = q + (r0 + r) * C;
+    for (int64_t c = 0; c < C; ++c) {
+      t[c * kTile + r] = r < nt ? static_cast<acc_t>(zr[c]) : acc_t(0);
+      u[c * kTile + r] = r < nt ? static_cast<acc_t>(qr[c]) : acc_t(0);
     }
   }
+}
+
+// sum over rows of sum_c q_c (-log_softmax_c), term by term. flags: [0] a non-finite logit,
+// [1] a non-finite soft label (value checks, raised by the caller).
+template <typename scalar_t, typename acc_t>
+OMNIFUSE_CPU_CLONES acc_t soft_ce_rows(const scalar_t* z, const scalar_t* q, int64_t C, int64_t b0,
+                                       int64_t b1, uint8_t* flags) {
+  acc_t mx[kChunk], ls[kChunk];
+  acc_t acc = 0, nfz = 0, nfq = 0;
+  if (C <= kSmallC) {  // short rows: kTile rows at a time, transposed, passes across rows
+    acc_t t[kSmallC * kTile], u[kSmallC * kTile];
+    for (int64_t r0 = b0; r0 < b1; r0 += kTile) {
+      const int64_t nt = std::min(kTile, b1 - r0);
+      load_rows_tile(z, q, C, r0, nt, t, u);
+      acc_t m[kTile], sm[kTile], f[kTile], fq[kTile], l[kTile], row[kTile];
+      for (int64_t r = 0; r < kTile; ++r) m[r] = neg_inf<acc_t>(), sm[r] = f[r] = fq[r] = 0;
+      for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+        for (int64_t r = 0; r < kTile; ++r) {
+          const acc_t v = t[c * kTile + r];
+          m[r] = m[r] > v ? m[r] : v;
+          f[r] += nonfinite_term(v);
+          fq[r] += nonfinite_term(u[c * kTile + r]);
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+        for (int64_t r = 0; r < kTile; ++r) sm[r] += vexp_neg(t[c * kTile + r] - m[r]);
+      }
+#pragma omp simd
+      for (int64_t r = 0; r < kTile; ++r) l[r] = vlog(sm[r]), row[r] = 0;
+      for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+        for (int64_t r = 0; r < kTile; ++r) {
+          row[r] += u[c * kTile + r] * ((m[r] - t[c * kTile + r]) + l[r]);
+        }
+      }
+      for (int64_t r = 0; r < nt; ++r) acc += row[r];
+      for (int64_t r = 0; r < kTile; ++r) nfz += f[r], nfq += fq[r];
+    }
+    flags[0] = !(nfz == acc_t(0));
+    flags[1] = !(nfq == acc_t(0));
+    return acc;
+  }
+  for (int64_t c0 = b0; c0 < b1; c0 += kChunk) {
+    const int64_t c1 = std::min(b1, c0 + kChunk);
+    rows_lse(z, C, c0, c1, mx, ls, nfz);
+    for (int64_t b = c0; b < c1; ++b) {
+      const acc_t m = mx[b - c0], l = ls[b - c0];
+      acc_t row = 0, f = 0;
+#pragma omp simd reduction(+ : row, f)
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t qc = static_cast<acc_t>(q[b * C + c]);
+        row += qc * ((m - static_cast<acc_t>(z[b * C + c])) + l);
+        f += nonfinite_term(qc);
+      }
+      acc += row;
+      nfq += f;
+    }
+  }
+  flags[0] = !(nfz == acc_t(0));
+  flags[1] = !(nfq == acc_t(0));
   return acc;
 }
 
@@ -181,10 +238,10 @@ template <typename scalar_t, typename acc_t>
 OMNIFUSE_CPU_CLONES void soft_ce_grad_rows(scalar_t* gz, scalar_t* gq, const scalar_t* z,
                                            const scalar_t* q, int64_t C, acc_t scale, int64_t b0,
                                            int64_t b1) {
-  acc_t mx[kChunk], ls[kChunk];
+  acc_t mx[kChunk], ls[kChunk], nf = 0;  // checked by the forward
   for (int64_t c0 = b0; c0 < b1; c0 += kChunk) {
     const int64_t c1 = std::min(b1, c0 + kChunk);
-    rows_lse(z, C, c0, c1, mx, ls);
+    rows_lse(z, C, c0, c1, mx, ls, nf);
     for (int64_t b = c0; b < c1; ++b) {
       const scalar_t* zr = z + b * C;
       const scalar_t* qr = q + b * C;
@@ -203,19 +260,113 @@ OMNIFUSE_CPU_CLONES void soft_ce_grad_rows(scalar_t* gz, scalar_t* gq, const sca
   }
 }
 
+// d/dz_c = (p_c sum(q) - q_c) scale only: per row the max, e_c = exp(z_c - max) kept in a row
+// buffer (one exp per logit, no log), then p_c = e_c / sum(e).
+template <typename scalar_t, typename acc_t>
+OMNIFUSE_CPU_CLONES void soft_ce_logit_grad_rows(scalar_t* gz, const scalar_t* z,
+                                                 const scalar_t* q, int64_t C, acc_t* e,
+                                                 acc_t scale, int64_t b0, int64_t b1) {
+  if (C <= kSmallC) {  // short rows: transposed tiles, as the forward
+    acc_t t[kSmallC * kTile], u[kSmallC * kTile];
+    for (int64_t r0 = b0; r0 < b1; r0 += kTile) {
+      const int64_t nt = std::min(kTile, b1 - r0);
+      load_rows_tile(z, q, C, r0, nt, t, u);
+      acc_t m[kTile], sm[kTile], sq[kTile], k[kTile];
+      for (int64_t r = 0; r < kTile; ++r) m[r] = neg_inf<acc_t>(), sm[r] = sq[r] = 0;
+      for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+        for (int64_t r = 0; r < kTile; ++r) {
+          const acc_t v = t[c * kTile + r];
+          m[r] = m[r] > v ? m[r] : v;
+          sq[r] += u[c * kTile + r];
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+        for (int64_t r = 0; r < kTile; ++r) {
+          const acc_t ev = vexp_neg(t[c * kTile + r] - m[r]);
+          t[c * kTile + r] = ev;
+          sm[r] += ev;
+        }
+      }
+#pragma omp simd
+      for (int64_t r = 0; r < kTile; ++r) k[r] = scale * sq[r] / sm[r];
+      for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+        for (int64_t r = 0; r < kTile; ++r) {
+          t[c * kTile + r] = k[r] * t[c * kTile + r] - scale * u[c * kTile + r];
+        }
+      }
+      for (int64_t r = 0; r < nt; ++r) {
+        scalar_t* gr = gz + (r0 + r) * C;
+        for (int64_t c = 0; c < C; ++c) gr[c] = static_cast<scalar_t>(t[c * kTile + r]);
+      }
+    }
+    return;
+  }
+  for (int64_t b = b0; b < b1; ++b) {
+    const scalar_t* zr = z + b * C;
+    const scalar_t* qr = q + b * C;
+    acc_t m = neg_inf<acc_t>();
+#pragma omp simd reduction(max : m)
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t v = static_cast<acc_t>(zr[c]);
+      m = m > v ? m : v;
+    }
+    acc_t s = 0, sq = 0;
+#pragma omp simd reduction(+ : s, sq)
+    for (int64_t c = 0; c < C; ++c) {
+      e[c] = vexp_neg(static_cast<acc_t>(zr[c]) - m);
+      s += e[c];
+      sq += static_cast<acc_t>(qr[c]);
+    }
+    const acc_t k = scale * sq / s;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      gz[b * C + c] = static_cast<scalar_t>(k * e[c] - scale * static_cast<acc_t>(qr[c]));
+    }
+  }
+}
+
+Tensor soft_cross_entropy_backward_logits_cpu(const Tensor& grad, const Tensor& logits_in,
+                                              const Tensor& soft_in) {
+  const Tensor logits = logits_in.contiguous();
+  const Tensor soft = soft_in.contiguous();
+  const int64_t B = logits.size(0), C = logits.size(1);
+  const double scale = scalar_value(grad) / static_cast<double>(std::max<int64_t>(B, 1));
+  Tensor gz = empty_output_like(logits);
+  OMNIFUSE_DISPATCH_FLOATS(logits.scalar_type(), "soft_cross_entropy_backward_logits", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* z = logits.const_data_ptr<scalar_t>();
+    const scalar_t* q = soft.const_data_ptr<scalar_t>();
+    scalar_t* oz = gz.data_ptr<scalar_t>();
+    for_blocks(B, kBlock, [&](int64_t, int64_t b0, int64_t b1) {
+      std::vector<acc_t> e(C);
+      soft_ce_logit_grad_rows(oz, z, q, C, e.data(), static_cast<acc_t>(scale), b0, b1);
+    });
+  });
+  return gz;
+}
+
 Tensor soft_cross_entropy_cpu(const Tensor& logits_in, const Tensor& soft_in) {
   const Tensor logits = logits_in.contiguous();
   const Tensor soft = soft_in.contiguous();
   const int64_t B = logits.size(0), C = logits.size(1);
-  std::vector<double> partial(num_blocks(B, kBlock), 0.0);
+  const int64_t nblk = num_blocks(B, kBlock);
+  std::vector<double> partial(nblk, 0.0);
+  std::vector<uint8_t> flags(2 * nblk, 0), bad_z(nblk, 0), bad_q(nblk, 0);
   OMNIFUSE_DISPATCH_FLOATS(logits.scalar_type(), "soft_cross_entropy", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const scalar_t* q = soft.const_data_ptr<scalar_t>();
     for_blocks(B, kBlock, [&](int64_t blk, int64_t b0, int64_t b1) {
-      partial[blk] = static_cast<double>(soft_ce_rows<scalar_t, acc_t>(z, q, C, b0, b1));
+      partial[blk] = static_cast<double>(
+          soft_ce_rows<scalar_t, acc_t>(z, q, C, b0, b1, flags.data() + 2 * blk));
     });
   });
+  for (int64_t i = 0; i < nblk; ++i) bad_z[i] = flags[2 * i], bad_q[i] = flags[2 * i + 1];
+  check_finite_flags(bad_z, logits, "logits");
+  check_finite_flags(bad_q, soft, "soft_labels");
   double total = 0.0;
   for (double p : partial) total += p;  // blocks in order: deterministic
   // sum / max(B, 1): an empty batch is a real 0
@@ -251,6 +402,7 @@ TORCH_LIBRARY_IMPL(omnifuse_fast, CPU, m) {
   m.impl("modality_mix_backward", &modality_mix_backward_cpu);
   m.impl("soft_cross_entropy", &soft_cross_entropy_cpu);
   m.impl("soft_cross_entropy_backward", &soft_cross_entropy_backward_cpu);
+  m.impl("soft_cross_entropy_backward_logits", &soft_cross_entropy_backward_logits_cpu);
 }
 
 }  // namespace cpu

@@ -1,5 +1,7 @@
 // TLA (SPEC section 3) on CPU: combination ids, the fused distance + per-combination
 // segmented reduction (eq. 15), and the masked mean CE (eq. 17) with its backward.
+#include <atomic>
+
 #include "common.h"
 
 namespace omnifuse_fast {
@@ -14,13 +16,21 @@ Tensor combination_ids_cpu(const Tensor& present_in) {
   Tensor out = at::empty({B}, present.options().dtype(at::kLong));
   const bool* p = present.const_data_ptr<bool>();
   int64_t* o = out.data_ptr<int64_t>();
+  std::atomic<int64_t> empty_row{B};  // the first row with no present modality (value check)
   at::parallel_for(0, B, 4096, [&](int64_t b0, int64_t b1) {
+    int64_t first = B;
     for (int64_t b = b0; b < b1; ++b) {
       int64_t id = 0;
       for (int64_t m = 0; m < M; ++m) id |= static_cast<int64_t>(p[b * M + m]) << m;
       o[b] = id;
+      if (id == 0 && first == B) first = b;
+    }
+    int64_t cur = empty_row.load();
+    while (first < cur && !empty_row.compare_exchange_weak(cur, first)) {
     }
   });
+  TORCH_CHECK_VALUE(empty_row.load() == B, "present has a sample with no present modality (row ",
+                    empty_row.load(), ")");
   return out;
 }
 
@@ -42,7 +52,7 @@ using std::min;
 template <Distance kDist, typename scalar_t, typename acc_t>
 OMNIFUSE_CPU_CLONES void stats_rows(const scalar_t* z, const int64_t* y, const int64_t* comb,
                                     int64_t C, int64_t bins, double* sums, int64_t* counts,
-                                    int64_t b0, int64_t b1) {
+                                    int64_t b0, int64_t b1, uint8_t* nonfinite) {
   ClassRows<acc_t, kChunk> rows;
   acc_t d[kChunk];
   int64_t idx[kChunk];
@@ -65,13 +75,14 @@ OMNIFUSE_CPU_CLONES void stats_rows(const scalar_t* z, const int64_t* y, const i
       counts[comb[b]] += 1;
     }
   }
+  *nonfinite = rows.nonfinite();
 }
 
 // CE summed over the rows of [b0, b1) whose comb is lazy (only those are read); count in *n.
 template <typename scalar_t, typename acc_t>
 OMNIFUSE_CPU_CLONES acc_t masked_ce_rows(const scalar_t* z, const int64_t* y, const int64_t* comb,
                                          int64_t C, int64_t lazy, int64_t* n, int64_t b0,
-                                         int64_t b1) {
+                                         int64_t b1, uint8_t* nonfinite) {
   ClassRows<acc_t, kChunk> rows;
   int64_t idx[kChunk], ys[kChunk];
   acc_t s = 0;
@@ -91,6 +102,7 @@ OMNIFUSE_CPU_CLONES acc_t masked_ce_rows(const scalar_t* z, const int64_t* y, co
     k += rows.n;
   }
   *n = k;
+  *nonfinite = rows.nonfinite();
   return s;
 }
 
@@ -129,9 +141,10 @@ std::tuple<Tensor, Tensor> tla_stats_cpu(const Tensor& logits_in, const Tensor& 
   const Tensor comb = comb_in.to(at::kLong).contiguous();
   const int64_t B = logits.size(0), C = logits.size(1), bins = int64_t(1) << num_modalities;
   const Distance dist = parse_distance(distance);
-  check_indices(labels, C, "class label");
-  check_indices(comb, bins, "combination id");
+  check_labels(labels, C);
+  check_range(comb, 1, bins - 1, "comb", "combination ids");
   const int64_t nblk = num_blocks(B, kBlock);
+  std::vector<uint8_t> nonfinite(nblk, 0);
   // per-block partials, reduced below in block order: deterministic for any thread count
   std::vector<double> psum(nblk * bins, 0.0);
   std::vector<int64_t> pcnt(nblk * bins, 0);
@@ -143,19 +156,21 @@ std::tuple<Tensor, Tensor> tla_stats_cpu(const Tensor& logits_in, const Tensor& 
     for_blocks(B, kBlock, [&](int64_t blk, int64_t b0, int64_t b1) {
       double* s = psum.data() + blk * bins;
       int64_t* n = pcnt.data() + blk * bins;
+      uint8_t* f = nonfinite.data() + blk;
       switch (dist) {
         case Distance::kCE:
-          stats_rows<Distance::kCE, scalar_t, acc_t>(z, y, cb, C, bins, s, n, b0, b1);
+          stats_rows<Distance::kCE, scalar_t, acc_t>(z, y, cb, C, bins, s, n, b0, b1, f);
           break;
         case Distance::kL1:
-          stats_rows<Distance::kL1, scalar_t, acc_t>(z, y, cb, C, bins, s, n, b0, b1);
+          stats_rows<Distance::kL1, scalar_t, acc_t>(z, y, cb, C, bins, s, n, b0, b1, f);
           break;
         case Distance::kL2:
-          stats_rows<Distance::kL2, scalar_t, acc_t>(z, y, cb, C, bins, s, n, b0, b1);
+          stats_rows<Distance::kL2, scalar_t, acc_t>(z, y, cb, C, bins, s, n, b0, b1, f);
           break;
       }
     });
   });
+  check_finite_flags(nonfinite, logits, "logits");
   Tensor sums = at::empty({bins}, logits.options().dtype(at::kFloat));
   Tensor counts = at::empty({bins}, logits.options().dtype(at::kLong));
   float* so = sums.data_ptr<float>();
@@ -181,20 +196,25 @@ Tensor tla_loss_cpu(const Tensor& logits_in, const Tensor& labels_in, const Tens
   const Tensor labels = labels_in.contiguous();
   const Tensor comb = comb_in.to(at::kLong).contiguous();
   const int64_t B = logits.size(0), C = logits.size(1);
-  check_indices(labels, C, "class label");
+  check_labels(labels, C);
+  // ids of up to 8 modalities (M is not an argument); only the rows with comb == lazy are read,
+  // so only their logits are checked for NaN/inf (the others do not enter the loss)
+  check_range(comb, 1, 255, "comb", "combination ids");
   const int64_t nblk = num_blocks(B, kBlock);
   std::vector<double> psum(nblk, 0.0);
   std::vector<int64_t> pcnt(nblk, 0);
+  std::vector<uint8_t> nonfinite(nblk, 0);
   OMNIFUSE_DISPATCH_FLOATS(logits.scalar_type(), "tla_loss", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const int64_t* y = labels.const_data_ptr<int64_t>();
     const int64_t* cb = comb.const_data_ptr<int64_t>();
     for_blocks(B, kBlock, [&](int64_t blk, int64_t b0, int64_t b1) {
-      psum[blk] = static_cast<double>(
-          masked_ce_rows<scalar_t, acc_t>(z, y, cb, C, lazy, &pcnt[blk], b0, b1));
+      psum[blk] = static_cast<double>(masked_ce_rows<scalar_t, acc_t>(
+          z, y, cb, C, lazy, &pcnt[blk], b0, b1, nonfinite.data() + blk));
     });
   });
+  check_finite_flags(nonfinite, logits, "logits");
   double s = 0.0;
   int64_t n = 0;
   for (int64_t blk = 0; blk < nblk; ++blk) {
@@ -211,7 +231,7 @@ Tensor tla_loss_backward_cpu(const Tensor& grad, const Tensor& logits_in, const 
   const Tensor labels = labels_in.contiguous();
   const Tensor comb = comb_in.to(at::kLong).contiguous();
   const int64_t B = logits.size(0), C = logits.size(1);
-  check_indices(labels, C, "class label");
+  check_labels(labels, C);
   const int64_t* cb = comb.const_data_ptr<int64_t>();
   int64_t n = 0;
   for (int64_t b = 0; b < B; ++b) n += cb[b] == lazy;

@@ -6,6 +6,11 @@ subroutine ratios, and optionally draws the speedups and % of floor into a PNG.
 
 Speedups are recomputed here from the medians in the file (the run's extra_info holds them
 too, but only for providers that ran after reference/compile in the same session).
+
+Every provider is compared with the default settings (value checks on): a case id ending in
+``checks_on`` is the default run, and the same case ending in ``checks_off`` (a fast backend
+after ``set_value_checks(False)``) is folded into its row as a second column, with its own
+speedup against compile. Baselines (reference, compile) come from the default run.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class Row:
     pair: str | None = None
     speedup_vs_reference: float | None = None
     speedup_vs_compile: float | None = None
+    checks_off_ms: float | None = None  # the same case and provider with value checks off
+    checks_off_vs_compile: float | None = None
 
 
 def _split_name(name: str) -> tuple[str, str, str]:
@@ -77,16 +84,56 @@ def rows(data: dict) -> list[Row]:
                 pair=info.get("pair"),
             )
         )
-    medians: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    # keyed by the case without its checks part: baselines from the default (checks on) run
+    medians: dict[tuple[str, str], dict[tuple[str, bool], float]] = defaultdict(dict)
     for r in out:
-        medians[(r.op, r.case)][r.provider] = r.median_ms
+        base, checks = split_checks(r.case)
+        medians[(r.op, base)][(r.provider, checks)] = r.median_ms
     for r in out:
-        same = medians[(r.op, r.case)]
+        base, _ = split_checks(r.case)
+        same = medians[(r.op, base)]
+        ref = _baseline(same, "reference")
+        comp = _baseline(same, "compile")
         if r.median_ms > 0:
-            if "reference" in same:
-                r.speedup_vs_reference = same["reference"] / r.median_ms
-            if "compile" in same:
-                r.speedup_vs_compile = same["compile"] / r.median_ms
+            if ref is not None:
+                r.speedup_vs_reference = ref / r.median_ms
+            if comp is not None:
+                r.speedup_vs_compile = comp / r.median_ms
+    return out
+
+
+def split_checks(case: str) -> tuple[str, bool]:
+    """``(case without its checks part, checks on)``; ids without one count as on."""
+    base, _, last = case.rpartition("-")
+    if last in ("checks_on", "checks_off"):
+        return base, last == "checks_on"
+    return case, True
+
+
+def _baseline(same: dict[tuple[str, bool], float], provider: str) -> float | None:
+    for checks in (True, False):  # the default settings first
+        if (provider, checks) in same:
+            return same[(provider, checks)]
+    return None
+
+
+def fold_checks_off(table: Sequence[Row]) -> list[Row]:
+    """Rows with the default settings, each carrying its checks-off twin as a second column;
+    a checks-off row without a default twin stays a row of its own."""
+    default = {}
+    for r in table:
+        base, checks = split_checks(r.case)
+        if checks:
+            default[(r.op, base, r.provider)] = r
+    out = []
+    for r in table:
+        base, checks = split_checks(r.case)
+        twin = None if checks else default.get((r.op, base, r.provider))
+        if twin is None:
+            out.append(r)
+        else:
+            twin.checks_off_ms = r.median_ms
+            twin.checks_off_vs_compile = r.speedup_vs_compile
     return out
 
 
@@ -123,11 +170,14 @@ COLUMNS = (
     "x ref",
     "x compile",
     "mem MiB",
+    "ms checks off",
+    "x compile off",
 )
 
 
 def format_table(table: Sequence[Row]) -> str:
-    """A plain-text table, one line per row, columns aligned."""
+    """A plain-text table, one line per row (checks-off twins folded in), columns aligned."""
+    table = fold_checks_off(table)
     lines = [
         (
             r.op,
@@ -140,6 +190,8 @@ def format_table(table: Sequence[Row]) -> str:
             _fmt(r.speedup_vs_reference, ".2f", "x"),
             _fmt(r.speedup_vs_compile, ".2f", "x"),
             _mem(r),
+            _fmt(r.checks_off_ms, ".4g"),
+            _fmt(r.checks_off_vs_compile, ".2f", "x"),
         )
         for r in table
     ]
@@ -155,10 +207,11 @@ def _geomean(values: Sequence[float]) -> float:
 
 
 def summary(table: Sequence[Row]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per op and provider: geometric-mean speedup vs reference, median % of floor."""
+    """Per op and provider, default settings: geometric-mean speedup vs reference, median % of
+    floor."""
     speed: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     floor: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in table:
+    for r in fold_checks_off(table):  # the default settings only
         if r.speedup_vs_reference:
             speed[r.op][r.provider].append(r.speedup_vs_reference)
         if r.pct_of_floor is not None:

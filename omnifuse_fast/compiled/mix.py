@@ -34,6 +34,11 @@ def _soft_cross_entropy_backward_fake(grad, logits, soft_labels):
     return torch.empty_like(logits), torch.empty_like(soft_labels)
 
 
+@torch.library.register_fake(qualname("soft_cross_entropy_backward_logits"))
+def _soft_cross_entropy_backward_logits_fake(grad, logits, soft_labels):
+    return torch.empty_like(logits)
+
+
 # modality_mix: v_mix scatter-adds back into v; soft labels are linear in the weights
 def _mix_setup(ctx, inputs, output):
     v, labels, src, num_classes, weights = inputs
@@ -66,6 +71,9 @@ def _sce_backward(ctx, grad):
     if not any(ctx.needs_input_grad):
         return None, None
     logits, soft_labels = ctx.saved_tensors
+    if logits.device.type == "cpu" and not ctx.needs_input_grad[1]:
+        # usual case, soft labels as targets: skip their gradient's pass (CPU kernel)
+        return _ops.soft_cross_entropy_backward_logits(grad, logits, soft_labels), None
     grads = _ops.soft_cross_entropy_backward(grad, logits, soft_labels)
     return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
 

@@ -28,19 +28,25 @@ def multilabel_flag(labels: object, multilabel: bool) -> None:
         )
 
 
-def _validate(logits: torch.Tensor, labels: torch.Tensor, beta: float, multilabel: bool):
+def _resolve(
+    op: str, logits: torch.Tensor, labels: torch.Tensor, beta: float, multilabel: bool, backend: str
+):
+    """Metadata checks, the backend choice, then the value checks it still needs."""
     _checks.logits3("modality_logits", logits)
     bsz, _, ncls = logits.shape
     _checks.tensor("labels", labels)
     multilabel_flag(labels, multilabel)
     # the device check reads no data: before any value check reads labels
     device = _checks.same_device(modality_logits=logits, labels=labels)
-    multilabel = _checks.labels_any("labels", labels, bsz, ncls)
+    multilabel = _checks.labels_any("labels", labels, bsz, ncls, values=False)
     _checks.real("beta", beta, lo=0.0)
-    _checks.finite("modality_logits", logits)
+    choice = _dispatch.resolve(op, backend, device)
+    if _checks.python_value_checks(choice.backend):
+        _checks.labels_any("labels", labels, bsz, ncls)  # now their values: range or 0/1
+        _checks.finite("modality_logits", logits)
     if multilabel:  # 0/1 are exact in every float dtype: let kernels read one dtype
         labels = labels.to(logits.dtype)
-    return labels, float(beta), device
+    return labels, float(beta), choice.impl
 
 
 def dwfuse_weights(
@@ -62,8 +68,9 @@ def dwfuse_weights(
     Returns:
         ``omega [B, M]`` (``[B, M, C]`` multilabel) in the logits' dtype.
     """
-    labels, beta, device = _validate(modality_logits, labels, beta, multilabel)
-    impl = _dispatch.resolve("dwfuse_weights", backend, device).impl
+    labels, beta, impl = _resolve(
+        "dwfuse_weights", modality_logits, labels, beta, multilabel, backend
+    )
     return impl(modality_logits, labels, beta)
 
 
@@ -83,8 +90,7 @@ def dwfuse_loss(
     ``multilabel=True`` are refused). With ``detach_weight=True`` (default) omega is a
     stop-gradient coefficient. Returns a scalar in the logits' dtype.
     """
-    labels, beta, device = _validate(modality_logits, labels, beta, multilabel)
+    labels, beta, impl = _resolve("dwfuse_loss", modality_logits, labels, beta, multilabel, backend)
     if not isinstance(detach_weight, bool):
         raise TypeError(f"detach_weight must be a bool, got {type(detach_weight).__name__}")
-    impl = _dispatch.resolve("dwfuse_loss", backend, device).impl
     return impl(modality_logits, labels, beta, detach_weight)

@@ -43,8 +43,11 @@ def modality_mix(
         _checks.floating("weights", weights, shape=shape)
     # metadata checks first: no value check reads a tensor that sits on another device
     device = _checks.same_device(v=v, labels=labels, src=src, weights=weights)
-    _checks.class_labels("labels", labels, bsz, num_classes)
-    _checks.in_range("src", src, 0, bsz - 1, what="source indices")
+    _checks.class_labels("labels", labels, bsz, num_classes, values=False)
+    choice = _dispatch.resolve("modality_mix", backend, device)
+    if _checks.python_value_checks(choice.backend):  # else: checked in the kernel
+        _checks.in_range("labels", labels, 0, num_classes - 1, what="class indices")
+        _checks.in_range("src", src, 0, bsz - 1, what="source indices")
     if weights is not None:
         if _checks.value_checks_enabled():
             w = weights.float()
@@ -53,8 +56,7 @@ def modality_mix(
             ):
                 raise ValueError("weights must be on the simplex: >= 0 and summing to 1 over M")
         weights = weights.float().expand(bsz, nmod).contiguous()
-    impl = _dispatch.resolve("modality_mix", backend, device).impl
-    return impl(v, labels, src.long(), num_classes, weights)
+    return choice.impl(v, labels, src.long(), num_classes, weights)
 
 
 def soft_cross_entropy(
@@ -65,7 +67,8 @@ def soft_cross_entropy(
     _checks.floating("soft_labels", soft_labels, ndim=2, shape=tuple(logits.shape))
     device = _checks.same_device(logits=logits, soft_labels=soft_labels)
     _checks.same_dtype(logits=logits, soft_labels=soft_labels)
-    _checks.finite("logits", logits)
-    _checks.finite("soft_labels", soft_labels)
-    impl = _dispatch.resolve("soft_cross_entropy", backend, device).impl
-    return impl(logits, soft_labels)
+    choice = _dispatch.resolve("soft_cross_entropy", backend, device)
+    if _checks.python_value_checks(choice.backend):  # else: checked in the kernel
+        _checks.finite("logits", logits)
+        _checks.finite("soft_labels", soft_labels)
+    return choice.impl(logits, soft_labels)

@@ -9,22 +9,33 @@ from omnifuse_fast import _checks, _dispatch
 
 def combination_ids(present: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``comb[b] = sum_m present[b, m] << m``: int64 ``[B]`` in ``1 .. 2**M - 1``."""
-    _checks.present_mask("present", present)
-    impl = _dispatch.resolve("combination_ids", backend, present.device).impl
-    return impl(present)
+    _checks.present_mask("present", present, values=False)
+    choice = _dispatch.resolve("combination_ids", backend, present.device)
+    if _checks.python_value_checks(choice.backend):  # else: checked in the kernel
+        _checks.present_rows("present", present)
+    return choice.impl(present)
 
 
 def _logits_labels_comb(logits, labels, comb, num_modalities):
+    """Metadata checks (they read no data); returns the device."""
     _checks.logits2("logits", logits)
     bsz, ncls = logits.shape
     _checks.tensor("labels", labels)
     _checks.tensor("comb", comb)
     # the device check reads no data: before any value check reads labels or comb
     device = _checks.same_device(logits=logits, labels=labels, comb=comb)
-    _checks.class_labels("labels", labels, bsz, ncls)
-    _checks.comb_ids("comb", comb, bsz, num_modalities)
-    _checks.finite("logits", logits)
-    return comb.long(), device
+    _checks.class_labels("labels", labels, bsz, ncls, values=False)
+    _checks.comb_ids("comb", comb, bsz, num_modalities, values=False)
+    return device
+
+
+def _check_values(backend, logits, labels, comb, num_modalities):
+    """The value checks, unless the chosen backend's kernels make them."""
+    if _checks.python_value_checks(backend):
+        _checks.in_range("labels", labels, 0, logits.shape[1] - 1, what="class indices")
+        top = _checks.comb_top(num_modalities)
+        _checks.in_range("comb", comb, 1, top, what="combination ids")
+        _checks.finite("logits", logits)
 
 
 def tla_stats(
@@ -49,10 +60,11 @@ def tla_stats(
         Not differentiable (a statistic for mining).
     """
     _checks.num_modalities(num_modalities)
-    comb, device = _logits_labels_comb(logits, labels, comb, num_modalities)
+    device = _logits_labels_comb(logits, labels, comb, num_modalities)
     _checks.choice("distance", distance, _checks.DISTANCES)
-    impl = _dispatch.resolve("tla_stats", backend, device).impl
-    return impl(logits, labels, comb, num_modalities, distance)
+    choice = _dispatch.resolve("tla_stats", backend, device)
+    _check_values(choice.backend, logits, labels, comb, num_modalities)
+    return choice.impl(logits, labels, comb.long(), num_modalities, distance)
 
 
 def tla_loss(
@@ -68,6 +80,7 @@ def tla_loss(
     _checks.positive_int("lazy", lazy, minimum=1)
     if lazy > (1 << _checks.MAX_MODALITIES) - 1:
         raise ValueError(f"lazy must be a combination id in 1..255, got {lazy}")
-    comb, device = _logits_labels_comb(logits, labels, comb, None)
-    impl = _dispatch.resolve("tla_loss", backend, device).impl
-    return impl(logits, labels, comb, lazy)
+    device = _logits_labels_comb(logits, labels, comb, None)
+    choice = _dispatch.resolve("tla_loss", backend, device)
+    _check_values(choice.backend, logits, labels, comb, None)
+    return choice.impl(logits, labels, comb.long(), lazy)
