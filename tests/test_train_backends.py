@@ -2,8 +2,9 @@
 kernels (the other training tests pin ``backend="reference"``).
 
 Each run is tiny (two epochs on the synthetic three-view data of tests/test_train.py); it must
-train (a separable problem learned) and the dispatcher's usage record must show that every op
-family the method uses (all five over the three methods) ran on the backend asked for. Triton runs in the
+train (a separable problem learned) and the metrics' per-family record of the training steps
+(``backends_train``, from the dispatcher's usage record) must show that every op family the
+method uses (all five over the three methods) ran on the backend asked for. Triton runs in the
 interpreter on CPU tensors.
 """
 
@@ -17,7 +18,6 @@ import torch
 from _harness import triton_interpreter
 from test_train import SMALL, synthetic_splits
 
-from omnifuse_fast import _dispatch
 from omnifuse_fast.train import TrainConfig, Trainer
 
 # op families each method runs through the dispatcher
@@ -28,9 +28,8 @@ def _train(method: str, backend: str, tmp_path):
     torch.manual_seed(0)
     extra = {"mm_stage1_epochs": 1} if method == "mm" else {}
     config = TrainConfig(**SMALL, epochs=2, lr=1e-2, method=method, backend=backend, **extra)
-    _dispatch.reset_backend_usage()
     result = Trainer(config, tmp_path, synthetic_splits()).fit()
-    return result, _dispatch.backend_usage()
+    return result, result["backends_train"]
 
 
 @pytest.mark.parametrize("method", sorted(FAMILIES))
