@@ -2,9 +2,9 @@
 kernels (the other training tests pin ``backend="reference"``).
 
 Each run is tiny (two epochs on the synthetic three-view data of tests/test_train.py); it must
-train (a separable problem learned) and the metrics' ``backends_train`` (the dispatcher's usage
-record over the training steps) must show that every op family the method uses (all five over the
-three methods) ran on the backend asked for. Triton runs in the
+train (a separable problem learned) and the metrics' per-family record of the training steps
+(``backends_train``, from the dispatcher's usage record) must show that every op family the
+method uses (all five over the three methods) ran on the backend asked for. Triton runs in the
 interpreter on CPU tensors.
 """
 
