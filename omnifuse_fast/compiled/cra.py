@@ -113,14 +113,7 @@ torch.library.register_autograd(
 )
 
 
-def cra_forward(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    activation: str = "relu",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def cra_forward(x, w1, b1, w2, b2, activation="relu"):
     """``(s_K, concat(c_1..c_K))`` (arguments validated by the public op).
 
     On CPU, when a gradient will be needed, the stashing pair runs (no recomputation in the

@@ -439,14 +439,7 @@ def _backward(ctx, grad_out, grad_lat, _grad_ss, _grad_sa):
 _forward_op.register_autograd(_backward, setup_context=_setup)
 
 
-def cra_forward(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    activation: str = "relu",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def cra_forward(x, w1, b1, w2, b2, activation="relu"):
     """``(s_K, concat(c_1..c_K))`` by the fused kernels (the reference beyond ``MAX_F``)."""
     reason = unsupported_reason(x, w1) or fallback_reason(x)
     if reason is not None:

@@ -465,13 +465,7 @@ def _soft_ce_backward(ctx, grad_loss):
 _soft_ce_op.register_autograd(_soft_ce_backward, setup_context=_soft_ce_setup)
 
 
-def modality_mix(
-    v: torch.Tensor,
-    labels: torch.Tensor,
-    src: torch.Tensor,
-    num_classes: int,
-    weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def modality_mix(v, labels, src, num_classes, weights=None):
     """``(v_mix, soft_labels)``; gradients flow into ``v`` (scatter-add) and ``weights``."""
     if use_reference("modality_mix", v):
         return _reference.modality_mix(v, labels, src, num_classes, weights)

@@ -413,13 +413,7 @@ def combination_ids(present: torch.Tensor) -> torch.Tensor:
     return _combination_ids_op(present)
 
 
-def tla_stats(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    comb: torch.Tensor,
-    num_modalities: int,
-    distance: str = "ce",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def tla_stats(logits, labels, comb, num_modalities, distance="ce"):
     """Per-combination distance sums (fp32) and counts (int64), ``[2**M]``; not differentiable."""
     if use_reference("tla_stats", logits):
         return _reference.tla_stats(logits, labels, comb, num_modalities, distance)
