@@ -62,7 +62,7 @@ def run_all(backend: str, device: str, dtype: torch.dtype = torch.float32) -> li
     _backward(of.dwfuse_loss(z, y, 0.5, False, backend=backend))
     _backward(of.dwfuse_weights(z, y, 0.5, backend=backend))
     y_ml = torch.randint(0, 2, (29, 11), generator=_gen(8)).to(device=device, dtype=dtype)
-    _backward(of.dwfuse_loss(z, y_ml, 0.5, True, backend=backend))
+    _backward(of.dwfuse_loss(z, y_ml, 0.5, True, backend=backend, multilabel=True))
     called += ["dwfuse_loss", "dwfuse_weights"]
 
     # TLA: combination ids, statistics, masked loss

@@ -68,6 +68,63 @@ def triton_interpreter():
         yield
 
 
+def cpu_backend(backend: str, monkeypatch) -> str:
+    """``backend`` on CPU for the calling test (Triton in the interpreter, set through
+    ``monkeypatch``); skips the test when it cannot run here."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    reason = _dispatch.unavailable_reason("cra_forward", backend, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
+    return backend
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside (tiny models: no oversubscription, identical results); the
+    thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def compiled_opaque(fn, backend: str):
+    """``torch.compile(fn, fullgraph=True, backend=backend)``, called with the custom Triton ops
+    kept opaque (the interpreter cannot provide the kernels to functionalization)."""
+    import torch._functorch.config as functorch_config
+
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+
+    def call(*args):
+        with functorch_config.patch(decompose_custom_triton_ops=False):
+            return compiled(*args)
+
+    return call
+
+
+def tiny_omnifuse(view_dims, num_classes: int, dim: int, backend: str, **kw) -> of.OmniFuse:
+    """A tiny OmniFuse initialized from seed 0 (hidden 5, two blocks, encoder 6, head 5;
+    ``kw``: other constructor arguments) whose miner goes live early (``lazy = 3``)."""
+    torch.manual_seed(0)
+    model = of.OmniFuse(
+        view_dims,
+        num_classes,
+        dim=dim,
+        hidden=5,
+        num_blocks=2,
+        encoder_hidden=6,
+        head_hidden=5,
+        backend=backend,
+        **kw,
+    )
+    model.miner.lazy = 3
+    return model
+
+
 def home_device(backend: str) -> str:
     """Where a backend is checked: CUDA for "cuda", and for "triton" when a GPU is here."""
     if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _harness import one_thread
 
 from omnifuse_fast import OmniFuseClassifier
 from omnifuse_fast.data import text as text_mod
@@ -21,10 +22,8 @@ WORDS = ["good", "bad", "fever", "cough", "fine", "very", "no", "the", "patient"
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def tiny_text_encoder(directory: Path) -> Path:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _harness import one_thread
 
 from omnifuse_fast import OmniFuse, OmniFuseClassifier
 
@@ -18,10 +19,8 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "YOUR_DATA.md"
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()  # tiny models: one thread avoids oversubscription
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():  # tiny models: one thread avoids oversubscription
+        yield
 
 
 def _data(n=120, seed=0, labels=("b", "a", "c")):

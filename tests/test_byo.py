@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _harness import one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,10 +21,8 @@ def _block(path: Path, heading: str) -> str:
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()  # tiny models: one thread avoids oversubscription
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():  # tiny models: one thread avoids oversubscription
+        yield
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _harness import compiled_opaque
 
 import omnifuse_fast as of
 from omnifuse_fast import _device_checks, _dispatch
@@ -255,7 +256,8 @@ def test_good_values_pass_and_stay_inside(bounds, checks_off):
     torch.testing.assert_close(*grads)
     zml, yml = dw(multilabel=True)
     torch.testing.assert_close(
-        of.dwfuse_weights(zml, yml, backend="triton"), of.dwfuse_weights(zml, yml)
+        of.dwfuse_weights(zml, yml, backend="triton", multilabel=True),
+        of.dwfuse_weights(zml, yml, multilabel=True),
     )
     z2, y2, comb = tla_in()
     torch.testing.assert_close(
@@ -283,7 +285,7 @@ def test_dwfuse_bad_labels(bounds, checks_off, op, value):
 def test_dwfuse_bad_multilabel_targets(bounds, checks_off, op):
     z, y = dw(multilabel=True)
     with pytest.raises(RuntimeError, match=rf"{op}: labels \(multilabel\) must hold only 0 and 1"):
-        getattr(of, op)(z, with_value(y, (2, 3), 0.5), backend="triton")
+        getattr(of, op)(z, with_value(y, (2, 3), 0.5), backend="triton", multilabel=True)
 
 
 @pytest.mark.parametrize("value", BAD_LABELS)
@@ -361,7 +363,9 @@ def test_non_finite_logits(bounds, checks_off, value):
         z, y = dw(multilabel)
         for op in ("dwfuse_loss", "dwfuse_weights"):
             with pytest.raises(RuntimeError, match=rf"{op}: logits must be finite"):
-                getattr(of, op)(with_value(z, (3, 1, 2), value), y, backend="triton")
+                getattr(of, op)(
+                    with_value(z, (3, 1, 2), value), y, backend="triton", multilabel=multilabel
+                )
     z2, y2, comb = tla_in()
     bad = with_value(z2, (5, 4), value)
     with pytest.raises(RuntimeError, match=r"tla_stats: logits must be finite"):
@@ -433,19 +437,6 @@ def test_backward_kernels_never_address_with_bad_src(bounds, value):
 # ------------------------------------------------------------------------ under torch.compile
 
 
-def _compiled(fn, backend):
-    import torch._functorch.config as functorch_config
-
-    compiled = torch.compile(fn, fullgraph=True, backend=backend)
-
-    def call(*args):
-        # the interpreter cannot provide the kernels to functionalization: keep the ops opaque
-        with functorch_config.patch(decompose_custom_triton_ops=False):
-            return compiled(*args)
-
-    return call
-
-
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_bad_values_raise_under_torch_compile(bounds, backend):
     """Value checks on (the default): ``torch.compile`` skips the Python pass, the device
@@ -461,7 +452,7 @@ def test_bad_values_raise_under_torch_compile(bounds, backend):
         v_mix, soft = of.modality_mix(v, y3, src, C, backend="triton")
         return loss + v_mix.sum() + soft.sum()
 
-    fn = _compiled(step, backend)
+    fn = compiled_opaque(step, backend)
     args = [z, y, z2, y2, comb, v, y3, src]
     torch.testing.assert_close(fn(*args), step(*args))
     cases = [

@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent(
     cases = {{
         "dw-labels-C": lambda: of.dwfuse_loss(z3, bad(y, C), backend=backend),
         "dw-labels-neg": lambda: of.dwfuse_weights(z3, bad(y, -1), backend=backend),
-        "dw-multilabel": lambda: of.dwfuse_loss(z3, bad(ml, 0.5), backend=backend),
+        "dw-multilabel": lambda: of.dwfuse_loss(z3, bad(ml, 0.5), backend=backend, multilabel=True),
         "tla-labels": lambda: of.tla_stats(z2, bad(y, 10**6), comb, M, backend=backend),
         "tla-comb-0": lambda: of.tla_stats(z2, y, bad(comb, 0), M, backend=backend),
         "tla-comb-2M": lambda: of.tla_stats(z2, y, bad(comb, 1 << M), M, backend=backend),

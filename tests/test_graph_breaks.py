@@ -11,27 +11,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _harness import cpu_backend, tiny_omnifuse
 
-from omnifuse_fast import _dispatch
 from omnifuse_fast.nn import ModalityMixer, OmniFuse
 
 B, VIEW_DIMS, C = 6, (5, 6, 7), 3
 
 
-def _use(backend: str, monkeypatch) -> str:
-    if backend == "triton":
-        pytest.importorskip("triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    reason = _dispatch.unavailable_reason("cra_forward", backend, torch.device("cpu"))
-    if reason is not None:
-        pytest.skip(f"{backend}: {reason}")
-    return backend
-
-
 @pytest.fixture(params=["reference", "cpu", "triton"])
 def backend(request, monkeypatch):
     torch._dynamo.reset()
-    yield _use(request.param, monkeypatch)
+    yield cpu_backend(request.param, monkeypatch)
     torch._dynamo.reset()
 
 
@@ -49,21 +39,7 @@ TRAIN_CASES = [
 
 
 def _model(backend: str, tla_mode: str = "observed", multilabel: bool = False) -> OmniFuse:
-    torch.manual_seed(0)
-    model = OmniFuse(
-        VIEW_DIMS,
-        C,
-        dim=4,
-        hidden=5,
-        num_blocks=2,
-        encoder_hidden=6,
-        head_hidden=5,
-        tla_mode=tla_mode,
-        multilabel=multilabel,
-        backend=backend,
-    )
-    model.miner.lazy = 3
-    return model
+    return tiny_omnifuse(VIEW_DIMS, C, 4, backend, tla_mode=tla_mode, multilabel=multilabel)
 
 
 def _batch(multilabel: bool = False):
@@ -87,7 +63,7 @@ def _one_graph(fn, *args) -> None:
 
 @pytest.mark.parametrize("backend,tla_mode,multilabel,drop", TRAIN_CASES)
 def test_training_forward_is_one_graph(backend, tla_mode, multilabel, drop, monkeypatch):
-    _use(backend, monkeypatch)
+    cpu_backend(backend, monkeypatch)
     model = _model(backend, tla_mode, multilabel).train()
     views, observed, labels = _batch(multilabel)
     present = model.draw_present(observed) if drop == "present-given" else None

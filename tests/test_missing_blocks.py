@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _harness import cpu_backend, tiny_omnifuse
 
 import omnifuse_fast as of
-from omnifuse_fast import _dispatch
 from omnifuse_fast.nn import OmniFuse, OmniFuseImputer
 
 # (what the missing blocks hold, value checks on): "mixed" cycles NaN, inf, -inf and 1e30
@@ -21,19 +21,9 @@ B, M, D = 7, 3, 4
 VIEW_DIMS = (5, 3, 6)
 
 
-def _use(backend: str, monkeypatch) -> str:
-    if backend == "triton":
-        pytest.importorskip("triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    reason = _dispatch.unavailable_reason("cra_forward", backend, torch.device("cpu"))
-    if reason is not None:
-        pytest.skip(f"{backend}: {reason}")
-    return backend
-
-
 @pytest.fixture(params=["reference", "cpu", "triton"])
 def backend(request, monkeypatch):
-    return _use(request.param, monkeypatch)
+    return cpu_backend(request.param, monkeypatch)
 
 
 def _fill_id(case) -> str:
@@ -119,20 +109,10 @@ def test_imputer_ignores_missing_blocks(backend, training, missing_embedding, fi
 
 
 def _model_run(backend, training, tla_mode, missing_embedding, fill):
-    torch.manual_seed(0)
-    model = OmniFuse(
-        VIEW_DIMS,
-        3,
-        dim=D,
-        hidden=5,
-        num_blocks=2,
-        encoder_hidden=6,
-        head_hidden=5,
-        tla_mode=tla_mode,
-        missing_embedding=missing_embedding,
-        backend=backend,
+    # miner.lazy = 3: modalities 0 and 1, the TLA term is live
+    model = tiny_omnifuse(
+        VIEW_DIMS, 3, D, backend, tla_mode=tla_mode, missing_embedding=missing_embedding
     )
-    model.miner.lazy = 3  # modalities 0 and 1: the TLA term is live
     model.train(training)
     obs = _observed()
     views = [
@@ -154,7 +134,7 @@ def _model_run(backend, training, tla_mode, missing_embedding, fill):
 def test_model_ignores_missing_view_rows(
     backend, fill_case, training, tla_mode, missing_embedding, monkeypatch
 ):
-    _use(backend, monkeypatch)
+    cpu_backend(backend, monkeypatch)
     fill, checks = fill_case
     of.set_value_checks(checks)  # conftest turns them back on
     want, want_g = _model_run(backend, training, tla_mode, missing_embedding, 0.0)

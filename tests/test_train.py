@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from _harness import one_thread
 
 from omnifuse_fast.data import MultiViewSplit
 from omnifuse_fast.train import (
@@ -28,10 +29,8 @@ SMALL = dict(dim=4, hidden=8, num_blocks=2, encoder_hidden=8, head_hidden=8, bat
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Small ops run fastest (and identically) on one thread; restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def synthetic_splits(seed: int = 0, sizes=(64, 32, 32), num_classes: int = 3) -> dict:

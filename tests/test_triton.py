@@ -12,7 +12,7 @@ import _harness
 import pytest
 import torch
 import torch.nn.functional as F
-from _harness import LOW, OPS, assert_close, falls_back, gen, randn, run
+from _harness import LOW, OPS, assert_close, compiled_opaque, falls_back, gen, randn, run
 
 import omnifuse_fast as of
 from omnifuse_fast import _dispatch
@@ -398,19 +398,6 @@ def test_strided_inputs():
 # -------------------------------------------------------------------------- torch.compile
 
 
-def _compiled(fn, backend):
-    import torch._functorch.config as functorch_config
-
-    compiled = torch.compile(fn, fullgraph=True, backend=backend)
-
-    def call(*args):
-        # the interpreter cannot provide the kernels to functionalization: keep the ops opaque
-        with functorch_config.patch(decompose_custom_triton_ops=False):
-            return compiled(*args)
-
-    return call
-
-
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile_dwfuse_loss(backend):
     torch._dynamo.reset()
@@ -423,7 +410,7 @@ def test_compile_dwfuse_loss(backend):
     want = step(eager_z, y)
     (want_g,) = torch.autograd.grad(want, eager_z)
     comp_z = z.clone().requires_grad_()
-    got = _compiled(step, backend)(comp_z, y)
+    got = compiled_opaque(step, backend)(comp_z, y)
     (got_g,) = torch.autograd.grad(got, comp_z)
     assert_close(got, want)
     assert_close(got_g, want_g)
@@ -446,7 +433,7 @@ def test_compile_cra_tla_and_mimo():
     want = step(*eager)
     want_g = torch.autograd.grad(want, eager)
     comp = [a.clone().requires_grad_() for a in args]
-    got = _compiled(step, "aot_eager")(*comp)
+    got = compiled_opaque(step, "aot_eager")(*comp)
     got_g = torch.autograd.grad(got, comp)
     assert_close(got, want)
     for a, e in zip(got_g, want_g, strict=True):

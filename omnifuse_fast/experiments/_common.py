@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from omnifuse_fast.data.corruption import Corruption, corrupt_splits
+from omnifuse_fast.experiments.models import BranchTracker, LateFusion
 from omnifuse_fast.train import TrainConfig, Trainer
 from omnifuse_fast.train.metrics import accuracy, macro_auroc
 
@@ -175,6 +176,16 @@ class Condition:
         """Plain types, for JSON."""
         return {"missing_rate": self.missing_rate, "corruption": self.corruption.to_dict()}
 
+    def heading(self) -> list[str]:
+        """Markdown lines opening the condition's section of a report (blank line last)."""
+        return [
+            "",
+            f"## {self.name}",
+            "",
+            f"Missing rate {self.missing_rate}, corruption {self.corruption.to_dict()}.",
+            "",
+        ]
+
 
 class Source:
     """Where the rows come from: the built-in data or a user's file (read once).
@@ -298,6 +309,18 @@ def conditions_for(
     _ = source
     name = corruption.kind if corruption.kind != "none" else "clean"
     return [Condition(f"{name}@{rate:g}", rate, corruption)]
+
+
+def setup(
+    settings: Settings,
+    conditions: Sequence[Condition] | None,
+    default_conditions: Callable[[Source], list[Condition]],
+) -> tuple[Source, list[Condition]]:
+    """The data source of ``settings`` and the conditions to run: ``conditions`` when given,
+    else :func:`conditions_for` with the experiment's ``default_conditions(source)``."""
+    source = Source(settings)
+    conds = conditions or conditions_for(settings, source, default_conditions(source))
+    return source, list(conds)
 
 
 def builtin_noise(views: Sequence[str] = ("kar", "pix"), std: float = 1.0) -> Corruption:
@@ -505,6 +528,85 @@ def tuned(
     return {s: results[s] for s in settings.seeds}, tuning
 
 
+def tune_rows(
+    settings: Settings,
+    source: Source,
+    conds: Sequence[Condition],
+    rows: Sequence[str],
+    run_one: Callable[[str, dict[str, Any], int, dict[str, float]], dict[str, Any]],
+    omnifuse: Callable[[str], bool],
+) -> tuple[list[tuple[Condition, str, dict[str, float], dict[int, dict[str, Any]]]], dict]:
+    """:func:`tuned` for every row of every condition, in that order.
+
+    Args:
+        run_one: ``run_one(row, splits, seed, point) -> result`` (the condition's splits of
+            ``seed``).
+        omnifuse: ``omnifuse(row)``: whether the row gets the lambda2 grid.
+
+    Returns:
+        ``([(condition, row, chosen point, {seed: result}), ...], {condition: {row: tuning}})``.
+    """
+    done = []
+    tuning: dict[str, dict[str, Any]] = {}
+    for cond in conds:
+        tuning[cond.name] = {}
+        for row in rows:
+
+            def one(seed, point, row=row, cond=cond):
+                return run_one(row, source.splits(seed, cond), seed, point)
+
+            results, tuning[cond.name][row] = tuned(settings, omnifuse(row), one)
+            done.append((cond, row, tuning[cond.name][row]["chosen"], results))
+    return done, tuning
+
+
+def branch_model(config: TrainConfig, cls: type = LateFusion) -> Callable[[Trainer], Any]:
+    """A model factory: ``cls`` (one branch a view: :class:`.models.LateFusion`, or
+    :class:`.models.SumFusion`) at ``config``'s sizes."""
+
+    def factory(trainer):
+        return cls(
+            trainer.view_dims,
+            trainer.num_classes,
+            dim=config.dim,
+            encoder_hidden=config.encoder_hidden,
+            head_hidden=config.head_hidden,
+        )
+
+    return factory
+
+
+class BranchWatch:
+    """An ``on_epoch`` callback: a :class:`.models.BranchTracker` of the trained late-fusion
+    model on ``val`` (made at the first epoch; ``tracker`` is None before)."""
+
+    def __init__(self, val: Any) -> None:
+        self.val = val
+        self.tracker: BranchTracker | None = None
+
+    def __call__(self, trainer: Trainer) -> bool:
+        if self.tracker is None:
+            self.tracker = BranchTracker(trainer.model, self.val)
+        return self.tracker(trainer)
+
+
+def branch_scores(
+    tracker: BranchTracker, splits: dict[str, Any], views: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """Each branch as a unimodal model at its own selected epoch: ``{view: {"val_accuracy",
+    "val_auroc", "val_nll", "test_accuracy", ...}}``."""
+    out = {}
+    for m, name in enumerate(views):
+        r = {}
+        for split in ("val", "test"):
+            p, y = tracker.proba(splits[split], m), splits[split].labels
+            r[f"{split}_accuracy"] = accuracy(p, y)
+            r[f"{split}_auroc"] = macro_auroc(p, y)
+            r[f"{split}_nll"] = nll(p, y)
+        out[name] = r
+    return out
+
+
 def lambdas(point: dict[str, float]) -> dict[str, Any]:
     """TrainConfig values of a grid point (lambda2 goes into ``lambdas``)."""
     out: dict[str, Any] = {"lr": point["lr"]}
@@ -591,6 +693,17 @@ def fmt(c: dict[str, Any], digits: int = 3, p: bool = True) -> str:
     return text
 
 
+def protocol(settings: Settings, choice: str) -> str:
+    """The report's protocol sentence: seeds, epochs, early stopping, and ``choice`` (what of
+    the grid is chosen, e.g. "lr chosen per method") on the tuning seeds' validation NLL (no
+    closing punctuation)."""
+    return (
+        f"{len(settings.seeds)} seeds, up to {settings.epochs} epochs (early stopping on "
+        f"validation NLL, patience {settings.patience}); {choice} on the validation NLL of "
+        f"{settings.tune_seeds} tuning seed(s)"
+    )
+
+
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A GitHub Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -664,6 +777,24 @@ def write_outputs(
     figure.savefig(paths["png"], dpi=110)
     plt.close(figure)
     return paths
+
+
+def conclude(
+    out: str | Path,
+    name: str,
+    settings: Settings,
+    conds: Sequence[Condition],
+    params: dict[str, Any],
+    runs: list[dict[str, Any]],
+    summary: dict[str, Any],
+    markdown: Callable[..., str],
+    figure: Callable[..., Any],
+) -> dict[str, Any]:
+    """Write an experiment over conditions (:func:`write_outputs` with ``markdown(summary,
+    settings, params, conds)`` and ``figure(summary, conds)``); returns ``{"summary", "runs"}``."""
+    md = markdown(summary, settings, params, conds)
+    write_outputs(out, name, settings, params, runs, summary, md, figure(summary, conds))
+    return {"summary": summary, "runs": runs}
 
 
 def pyplot():
@@ -769,11 +900,15 @@ def premise_markdown(check: dict[str, Any]) -> list[str]:
 __all__ = [
     "ALPHA",
     "record",
+    "BranchWatch",
     "Condition",
     "Settings",
     "Source",
+    "branch_model",
+    "branch_scores",
     "builtin_noise",
     "cell",
+    "conclude",
     "conditions_for",
     "fit_early",
     "fmt",
@@ -788,9 +923,12 @@ __all__ = [
     "predict",
     "premise_check",
     "premise_markdown",
+    "protocol",
     "pyplot",
     "scores",
+    "setup",
     "train_eval",
+    "tune_rows",
     "tuned",
     "write_outputs",
 ]

@@ -18,26 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from omnifuse_fast.data.corruption import Corruption
-from omnifuse_fast.experiments._common import (
-    Condition,
-    Settings,
-    Source,
-    cell,
-    conditions_for,
-    fmt,
-    lambdas,
-    md_table,
-    nll,
-    premise_check,
-    premise_markdown,
-    pyplot,
-    record,
-    train_eval,
-    tuned,
-    write_outputs,
-)
-from omnifuse_fast.experiments.models import BranchTracker, LateFusion
-from omnifuse_fast.train.metrics import accuracy, macro_auroc
+from omnifuse_fast.experiments import _common as common
 
 # (row, use_dwfuse, use_tla, use_imp_forward, use_imp_backward): Table 4's rows.
 ROWS = (
@@ -58,85 +39,61 @@ LABELS = {
 }
 
 
-def default_conditions(source: Source) -> list[Condition]:
+def default_conditions(source: common.Source) -> list[common.Condition]:
     """One heterogeneous condition: ``swap`` (k = 2 from 4 views, else 1), nothing missing."""
     k = 2 if len(source.view_names) >= 4 else 1
-    return [Condition(f"swap k={k}", 0.0, Corruption("swap", k=k))]
+    return [common.Condition(f"swap k={k}", 0.0, Corruption("swap", k=k))]
 
 
 def run(
-    out: str | Path, settings: Settings, conditions: list[Condition] | None = None
+    out: str | Path, settings: common.Settings, conditions: list[common.Condition] | None = None
 ) -> dict[str, Any]:
     """Run the ablation and write ``ablation.{json,md,png}`` into ``out``."""
-    source = Source(settings)
-    conds = conditions or conditions_for(settings, source, default_conditions(source))
-    views = source.view_names
+    source, conds = common.setup(settings, conditions, default_conditions)
+    switches = {row: (dw, tla, fw, bw) for row, dw, tla, fw, bw in ROWS}
+
+    def run_one(row, splits, seed, point):
+        if row in ("a", "late"):
+            config = settings.config(seed, method="concat", **common.lambdas(point))
+        else:
+            dw, tla, fw, bw = switches[row]
+            config = settings.config(
+                seed,
+                use_dwfuse=dw,
+                use_tla=tla,
+                use_imp_forward=fw,
+                use_imp_backward=bw,
+                **common.lambdas(point),
+            )
+        if row != "late":
+            return common.train_eval(config, splits, settings)[1]
+        watch = common.BranchWatch(splits["val"])
+        result = common.train_eval(config, splits, settings, common.branch_model(config), watch)[1]
+        result["unimodal"] = common.branch_scores(watch.tracker, splits, source.view_names)
+        return result
+
     runs: list[dict[str, Any]] = []
-    tuning: dict[str, dict[str, Any]] = {}
-    for cond in conds:
-        tuning[cond.name] = {}
-        for row, dw, tla, fw, bw in (*ROWS, ("late", None, None, None, None)):
-
-            def run_one(seed, point, row=row, dw=dw, tla=tla, fw=fw, bw=bw, cond=cond):
-                splits = source.splits(seed, cond)
-                if row in ("a", "late"):
-                    config = settings.config(seed, method="concat", **lambdas(point))
-                else:
-                    config = settings.config(
-                        seed,
-                        use_dwfuse=dw,
-                        use_tla=tla,
-                        use_imp_forward=fw,
-                        use_imp_backward=bw,
-                        **lambdas(point),
-                    )
-                if row != "late":
-                    return train_eval(config, splits, settings)[1]
-                holder: dict[str, Any] = {}
-
-                def factory(tr):
-                    return LateFusion(
-                        tr.view_dims,
-                        tr.num_classes,
-                        config.dim,
-                        config.encoder_hidden,
-                        config.head_hidden,
-                    )
-
-                def on_epoch(tr):
-                    holder.setdefault("t", BranchTracker(tr.model, splits["val"]))
-                    return holder["t"](tr)
-
-                result = train_eval(config, splits, settings, factory, on_epoch)[1]
-                result["unimodal"] = {}
-                for m, name in enumerate(views):
-                    r = {}
-                    for split in ("val", "test"):
-                        p, y = holder["t"].proba(splits[split], m), splits[split].labels
-                        r[f"{split}_accuracy"] = accuracy(p, y)
-                        r[f"{split}_auroc"] = macro_auroc(p, y)
-                        r[f"{split}_nll"] = nll(p, y)
-                    result["unimodal"][name] = r
-                return result
-
-            results, tuning[cond.name][row] = tuned(settings, row not in ("a", "late"), run_one)
-            point = tuning[cond.name][row]["chosen"]
-            for seed, result in results.items():
-                base = {"seed": seed, "condition": cond.name}
-                if row == "late":
-                    for name, r in result["unimodal"].items():
-                        runs.append(record(r, point, **base, method=f"uni:{name}"))
-                else:
-                    runs.append(record(result, point, **base, row=row, method=f"row:{row}"))
+    rows = (*switches, "late")
+    done, tuning = common.tune_rows(
+        settings, source, conds, rows, run_one, lambda row: row not in ("a", "late")
+    )
+    for cond, row, point, results in done:
+        for seed, result in results.items():
+            base = {"seed": seed, "condition": cond.name}
+            if row == "late":
+                for name, r in result["unimodal"].items():
+                    runs.append(common.record(r, point, **base, method=f"uni:{name}"))
+            else:
+                runs.append(common.record(result, point, **base, row=row, method=f"row:{row}"))
     summary: dict[str, Any] = {}
     for cond in conds:
         match = {"condition": cond.name}
-        premise = premise_check(runs, match, views, fused="row:a")
+        premise = common.premise_check(runs, match, source.view_names, fused="row:a")
         entry: dict[str, Any] = {"premise": premise}
         entry["interpreted"] = premise["verdict"] == "premise holds"
         for metric in ("test_accuracy", "test_auroc", "test_nll"):
             entry[metric] = {
-                r: cell(
+                r: common.cell(
                     runs, metric, {**match, "row": r}, None if r == "a" else {**match, "row": "a"}
                 )
                 for r, *_ in ROWS
@@ -145,23 +102,22 @@ def run(
         summary[cond.name] = entry
     params = {
         "conditions": {c.name: c.to_dict() for c in conds},
-        "views": views,
+        "views": source.view_names,
         "rows": {r: LABELS[r] for r, *_ in ROWS},
         "data": source.describe(),
     }
-    md = _markdown(summary, settings, params, conds)
-    write_outputs(out, "ablation", settings, params, runs, summary, md, _figure(summary, conds))
-    return {"summary": summary, "runs": runs}
+    return common.conclude(
+        out, "ablation", settings, conds, params, runs, summary, _markdown, _figure
+    )
 
 
 def _markdown(summary, settings, params, conds) -> str:
     parts = [
         f"# Ablation (OmniFuse Table 4) on {params['data']}",
         "",
-        f"All views ({', '.join(params['views'])}); {len(settings.seeds)} seeds, up to "
-        f"{settings.epochs} epochs (early stopping on validation NLL, patience "
-        f"{settings.patience}); grid point per row chosen on the validation NLL of "
-        f"{settings.tune_seeds} tuning seed(s); mean ± std, p: paired t-test against row (a).",
+        f"All views ({', '.join(params['views'])}); "
+        + common.protocol(settings, "grid point per row chosen")
+        + "; mean ± std, p: paired t-test against row (a).",
     ]
     for cond in conds:
         e = summary[cond.name]
@@ -173,27 +129,23 @@ def _markdown(summary, settings, params, conds) -> str:
         )
         rows = [
             [LABELS[r]]
-            + [fmt(e[m][r]) for m in ("test_accuracy", "test_auroc", "test_nll")]
+            + [common.fmt(e[m][r]) for m in ("test_accuracy", "test_auroc", "test_nll")]
             + [", ".join(f"{k} {v:g}" for k, v in e["tuning"][r]["chosen"].items())]
             for r, *_ in ROWS
         ]
         parts += [
-            "",
-            f"## {cond.name}",
-            "",
-            f"Missing rate {cond.missing_rate}, corruption {cond.corruption.to_dict()}.",
-            "",
-            *premise_markdown(e["premise"]),
+            *cond.heading(),
+            *common.premise_markdown(e["premise"]),
             "",
             note,
             "",
-            md_table(["components", "accuracy", "AUROC", "NLL", "grid point"], rows),
+            common.md_table(["components", "accuracy", "AUROC", "NLL", "grid point"], rows),
         ]
     return "\n".join(parts)
 
 
 def _figure(summary, conds):
-    plt = pyplot()
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, len(conds), figsize=(6 * len(conds), 3.8), constrained_layout=True)
     axes = [axes] if len(conds) == 1 else list(axes)
     for ax, cond in zip(axes, conds):

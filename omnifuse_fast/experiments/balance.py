@@ -29,34 +29,18 @@ import numpy as np
 import torch
 
 from omnifuse_fast.data.corruption import Corruption
-from omnifuse_fast.experiments._common import (
-    ALPHA,
-    Condition,
-    Settings,
-    Source,
-    builtin_noise,
-    cell,
-    conditions_for,
-    fmt,
-    lambdas,
-    md_table,
-    pyplot,
-    record,
-    train_eval,
-    tuned,
-    write_outputs,
-)
-from omnifuse_fast.experiments.models import BranchTracker, LateFusion, UniformJoint
+from omnifuse_fast.experiments import _common as common
+from omnifuse_fast.experiments.models import UniformJoint
 
 METHODS = ("concat", "uniform", "mimo", "mgda", "mm")
 MM_TOP_FRACTION = 0.5
 
 
-def default_conditions(source: Source) -> list[Condition]:
+def default_conditions(source: common.Source) -> list[common.Condition]:
     """Complete views; noise std 1 on ``kar`` and ``pix`` (built-in) or nothing (a file)."""
     if source.builtin:
-        return [Condition("noise kar,pix", 0.0, builtin_noise())]
-    return [Condition("as-is", 0.0, Corruption("none"))]
+        return [common.Condition("noise kar,pix", 0.0, common.builtin_noise())]
+    return [common.Condition("as-is", 0.0, Corruption("none"))]
 
 
 def probe_accuracy(model: torch.nn.Module, splits: dict[str, Any]) -> list[float]:
@@ -84,75 +68,58 @@ def probe_accuracy(model: torch.nn.Module, splits: dict[str, Any]) -> list[float
 
 
 def run(
-    out: str | Path, settings: Settings, conditions: list[Condition] | None = None
+    out: str | Path, settings: common.Settings, conditions: list[common.Condition] | None = None
 ) -> dict[str, Any]:
     """Run the comparison and write ``balance.{json,md,png}`` into ``out``."""
-    source = Source(settings)
-    conds = conditions or conditions_for(settings, source, default_conditions(source))
+    source, conds = common.setup(settings, conditions, default_conditions)
     views = source.view_names
+
+    def run_one(method, splits, seed, point):
+        values: dict[str, Any] = {"method": "concat"}
+        if method in ("mimo", "mgda"):
+            values = {"method": "mimo", "mimo_mode": method}
+        elif method == "mm":
+            values = {"method": "mm", "mm_tau": None, "mm_top_fraction": MM_TOP_FRACTION}
+        config = settings.config(seed, **values, **common.lambdas(point))
+        factory, watch = None, None
+        if method == "uniform":
+            factory = lambda tr: UniformJoint(tr.model)  # noqa: E731
+        elif method == "unimodal":
+            factory, watch = common.branch_model(config), common.BranchWatch(splits["val"])
+        trainer, result = common.train_eval(config, splits, settings, factory, watch)
+        tracker = None if watch is None else watch.tracker
+        model = tracker.selected() if tracker is not None else trainer.model
+        probes = probe_accuracy(model, splits)
+        result["probe_accuracy"] = dict(zip(views, probes))
+        steps = result["epochs_run"] * math.ceil(len(splits["train"]) / config.batch_size)
+        result["step_ms"] = 1e3 * result["seconds"] / max(steps, 1)
+        if trainer.balancer is not None:
+            b = trainer.balancer
+            result["subroutine_ms_per_step"] = 1e3 * b.subroutine_seconds / max(b.steps, 1)
+        return result
+
     runs: list[dict[str, Any]] = []
-    tuning: dict[str, dict[str, Any]] = {}
-    for cond in conds:
-        tuning[cond.name] = {}
-        for method in (*METHODS, "unimodal"):
-
-            def run_one(seed, point, method=method, cond=cond):
-                splits = source.splits(seed, cond)
-                values: dict[str, Any] = {"method": "concat"}
-                if method in ("mimo", "mgda"):
-                    values = {"method": "mimo", "mimo_mode": method}
-                elif method == "mm":
-                    values = {"method": "mm", "mm_tau": None, "mm_top_fraction": MM_TOP_FRACTION}
-                config = settings.config(seed, **values, **lambdas(point))
-                factory, on_epoch, holder = None, None, {}
-                if method == "uniform":
-                    factory = lambda tr: UniformJoint(tr.model)  # noqa: E731
-                elif method == "unimodal":
-
-                    def factory(tr):
-                        return LateFusion(
-                            tr.view_dims,
-                            tr.num_classes,
-                            config.dim,
-                            config.encoder_hidden,
-                            config.head_hidden,
-                        )
-
-                    def on_epoch(tr):
-                        holder.setdefault("t", BranchTracker(tr.model, splits["val"]))
-                        return holder["t"](tr)
-
-                trainer, result = train_eval(config, splits, settings, factory, on_epoch)
-                model = holder["t"].selected() if "t" in holder else trainer.model
-                probes = probe_accuracy(model, splits)
-                result["probe_accuracy"] = dict(zip(views, probes))
-                steps = result["epochs_run"] * math.ceil(len(splits["train"]) / config.batch_size)
-                result["step_ms"] = 1e3 * result["seconds"] / max(steps, 1)
-                if trainer.balancer is not None:
-                    b = trainer.balancer
-                    result["subroutine_ms_per_step"] = 1e3 * b.subroutine_seconds / max(b.steps, 1)
-                return result
-
-            results, tuning[cond.name][method] = tuned(settings, False, run_one)
-            point = tuning[cond.name][method]["chosen"]
-            for seed, result in results.items():
-                r = record(result, point, seed=seed, condition=cond.name, method=method)
-                probes = result["probe_accuracy"]
-                worst = min(probes, key=probes.get)
-                r.update(
-                    probe_accuracy=probes,
-                    worst_modality=worst,
-                    worst_modality_accuracy=probes[worst],
-                    mean_modality_accuracy=float(np.mean(list(probes.values()))),
-                    step_ms=result["step_ms"],
-                )
-                for k in ("subroutine_ms_per_step", "pool_size", "pool_fraction", "pool_threshold"):
-                    if k in result:
-                        r[k] = result[k]
-                for k in ("stage1_epochs", "stage2_epochs", "stage2_selected"):
-                    if k in result:
-                        r[k] = result[k]
-                runs.append(r)
+    rows = (*METHODS, "unimodal")
+    done, tuning = common.tune_rows(settings, source, conds, rows, run_one, lambda method: False)
+    for cond, method, point, results in done:
+        for seed, result in results.items():
+            r = common.record(result, point, seed=seed, condition=cond.name, method=method)
+            probes = result["probe_accuracy"]
+            worst = min(probes, key=probes.get)
+            r.update(
+                probe_accuracy=probes,
+                worst_modality=worst,
+                worst_modality_accuracy=probes[worst],
+                mean_modality_accuracy=float(np.mean(list(probes.values()))),
+                step_ms=result["step_ms"],
+            )
+            for k in ("subroutine_ms_per_step", "pool_size", "pool_fraction", "pool_threshold"):
+                if k in result:
+                    r[k] = result[k]
+            for k in ("stage1_epochs", "stage2_epochs", "stage2_selected"):
+                if k in result:
+                    r[k] = result[k]
+            runs.append(r)
     summary = {c.name: _summarize(runs, c.name, views, tuning[c.name]) for c in conds}
     params = {
         "conditions": {c.name: c.to_dict() for c in conds},
@@ -161,9 +128,9 @@ def run(
         "probe": "StandardScaler + LogisticRegression(max_iter=2000) per modality embedding",
         "data": source.describe(),
     }
-    md = _markdown(summary, settings, params, conds)
-    write_outputs(out, "balance", settings, params, runs, summary, md, _figure(summary, conds))
-    return {"summary": summary, "runs": runs}
+    return common.conclude(
+        out, "balance", settings, conds, params, runs, summary, _markdown, _figure
+    )
 
 
 def _summarize(runs, cond, views, tuning) -> dict[str, Any]:
@@ -173,7 +140,7 @@ def _summarize(runs, cond, views, tuning) -> dict[str, Any]:
         base = None if method == "uniform" else {**match, "method": "uniform"}
         sel = {**match, "method": method}
         entry = {
-            k: cell(runs, k, sel, base)
+            k: common.cell(runs, k, sel, base)
             for k in (
                 "test_accuracy",
                 "test_auroc",
@@ -184,10 +151,10 @@ def _summarize(runs, cond, views, tuning) -> dict[str, Any]:
             )
         }
         if method in ("mimo", "mgda"):
-            entry["subroutine_ms_per_step"] = cell(runs, "subroutine_ms_per_step", sel)
+            entry["subroutine_ms_per_step"] = common.cell(runs, "subroutine_ms_per_step", sel)
         if method == "mm":
             for k in ("pool_size", "pool_fraction", "pool_threshold"):
-                entry[k] = cell(runs, k, sel)
+                entry[k] = common.cell(runs, k, sel)
             entry["stage2_selected"] = [r.get("stage2_selected") for r in runs if _is(r, sel)]
         entry["probe_accuracy"] = {
             v: float(np.mean([r["probe_accuracy"][v] for r in runs if _is(r, sel)])) for v in views
@@ -203,7 +170,7 @@ def _summarize(runs, cond, views, tuning) -> dict[str, Any]:
 
     p = paired_p(joint, solo)
     diff = mean_std(np.subtract(joint, solo))[0] if seeds else math.nan
-    holds = p is not None and math.isfinite(p) and diff < 0 and p < ALPHA
+    holds = p is not None and math.isfinite(p) and diff < 0 and p < common.ALPHA
     out["premise"] = {
         "joint_worst_modality": mean_std(joint)[0],
         "same_view_alone": mean_std(solo)[0],
@@ -215,7 +182,7 @@ def _summarize(runs, cond, views, tuning) -> dict[str, Any]:
     claims = {}
     for method in ("mimo", "mm"):
         c = out[method]["worst_modality_accuracy"]
-        beats = c.get("diff_mean", 0) > 0 and (c.get("p_value") or 1.0) < ALPHA
+        beats = c.get("diff_mean", 0) > 0 and (c.get("p_value") or 1.0) < common.ALPHA
         if not holds:
             claims[method] = "not testable here (premise does not hold)"
         else:
@@ -232,10 +199,9 @@ def _markdown(summary, settings, params, conds) -> str:
     parts = [
         f"# Modality balancing on {params['data']}",
         "",
-        f"{len(settings.seeds)} seeds, up to {settings.epochs} epochs (early stopping on "
-        f"validation NLL, patience {settings.patience}); lr chosen per method on the "
-        f"validation NLL of {settings.tune_seeds} tuning seed(s); mean ± std; p: paired "
-        "t-test against `uniform`. Modality accuracy: linear probe on each encoder's "
+        common.protocol(settings, "lr chosen per method")
+        + "; mean ± std; p: paired t-test against `uniform`. Modality accuracy: linear probe on "
+        "each encoder's "
         f"embedding. MM learning's pool: {params['mm_selection']}. `unimodal`: the late-fusion "
         "model (its fused accuracy), whose branches, each early-stopped on its own validation "
         "NLL, are the views trained alone (their probes: the premise check's reference).",
@@ -247,37 +213,33 @@ def _markdown(summary, settings, params, conds) -> str:
         for m in (*METHODS, "unimodal"):
             e = s[m]
             sub = (
-                fmt(e["subroutine_ms_per_step"], 3, p=False)
+                common.fmt(e["subroutine_ms_per_step"], 3, p=False)
                 if "subroutine_ms_per_step" in e
                 else ""
             )
             rows.append(
                 [
                     m,
-                    fmt(e["test_accuracy"]),
-                    fmt(e["worst_modality_accuracy"]),
-                    fmt(e["mean_modality_accuracy"]),
+                    common.fmt(e["test_accuracy"]),
+                    common.fmt(e["worst_modality_accuracy"]),
+                    common.fmt(e["mean_modality_accuracy"]),
                     sub,
-                    fmt(e["step_ms"], 1, p=False),
+                    common.fmt(e["step_ms"], 1, p=False),
                 ]
             )
         mm = s["mm"]
         parts += [
-            "",
-            f"## {cond.name}",
-            "",
-            f"Missing rate {cond.missing_rate}, corruption {cond.corruption.to_dict()}.",
-            "",
+            *cond.heading(),
             f"**Premise check** ({pr['what']}): **{pr['verdict']}** "
             f"({pr['joint_worst_modality']:.3f} vs {pr['same_view_alone']:.3f}, "
             f"p={_p(pr['p_value'])}). Claims: MIMO beats uniform on the worst modality: "
             f"{s['claims']['mimo']}; MM learning: {s['claims']['mm']}.",
             "",
-            f"MM learning selected {fmt(mm['pool_size'], 1, p=False)} training rows "
-            f"(fraction {fmt(mm['pool_fraction'], 3, p=False)}, lowest selected p(true) "
-            f"{fmt(mm['pool_threshold'], 3, p=False)}).",
+            f"MM learning selected {common.fmt(mm['pool_size'], 1, p=False)} training rows "
+            f"(fraction {common.fmt(mm['pool_fraction'], 3, p=False)}, lowest selected p(true) "
+            f"{common.fmt(mm['pool_threshold'], 3, p=False)}).",
             "",
-            md_table(
+            common.md_table(
                 [
                     "method",
                     "fused accuracy",
@@ -289,7 +251,7 @@ def _markdown(summary, settings, params, conds) -> str:
                 rows,
             ),
             "",
-            md_table(
+            common.md_table(
                 ["method", *params["views"]],
                 [
                     [m] + [f"{s[m]['probe_accuracy'][v]:.3f}" for v in params["views"]]
@@ -305,7 +267,7 @@ def _p(p) -> str:
 
 
 def _figure(summary, conds):
-    plt = pyplot()
+    plt = common.pyplot()
     fig, axes = plt.subplots(
         len(conds), 2, figsize=(11, 3.8 * len(conds)), constrained_layout=True, squeeze=False
     )

@@ -156,6 +156,20 @@ def _positive(text: str) -> int:
     return value
 
 
+# options handed to ``experiments.run`` under their own names, as parsed
+PASSED_AS_IS = (
+    "seeds",
+    "quick",
+    "epochs",
+    "backend",
+    "data",
+    "label",
+    "missing_rate",
+    "patience",
+    "tune_seeds",
+)
+
+
 def _experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import time
 
@@ -179,17 +193,9 @@ def _experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         run(
             args.name,
             out,
-            seeds=args.seeds,
-            quick=args.quick,
-            epochs=args.epochs,
-            backend=args.backend,
-            data=args.data,
+            **{key: getattr(args, key) for key in PASSED_AS_IS},
             views=None if args.views is None else _split(args.views),
-            label=args.label,
             corruption=corruption_from_args(args),
-            missing_rate=args.missing_rate,
-            patience=args.patience,
-            tune_seeds=args.tune_seeds,
             grid=grid,
         )
     except ValueError as exc:

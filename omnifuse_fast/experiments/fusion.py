@@ -25,26 +25,28 @@ from typing import Any
 
 from omnifuse_fast.data.corruption import Corruption
 from omnifuse_fast.experiments._common import (
+    BranchWatch,
     Condition,
     Settings,
     Source,
+    branch_model,
+    branch_scores,
     builtin_noise,
     cell,
-    conditions_for,
+    conclude,
     fmt,
     lambdas,
     md_table,
-    nll,
     premise_check,
     premise_markdown,
+    protocol,
     pyplot,
     record,
+    setup,
     train_eval,
-    tuned,
-    write_outputs,
+    tune_rows,
 )
-from omnifuse_fast.experiments.models import BranchTracker, LateFusion, SumFusion
-from omnifuse_fast.train.metrics import accuracy, macro_auroc
+from omnifuse_fast.experiments.models import LateFusion, SumFusion
 
 FUSED = ("concat", "sum", "late", "dwfuse", "omnifuse")
 OMNIFUSE_ROWS = ("dwfuse", "omnifuse")
@@ -71,61 +73,34 @@ def run(
     out: str | Path, settings: Settings, conditions: list[Condition] | None = None
 ) -> dict[str, Any]:
     """Run the comparison and write ``fusion.{json,md,png}`` into ``out``."""
-    source = Source(settings)
-    conds = conditions or conditions_for(settings, source, default_conditions(source))
-    views = source.view_names
+    source, conds = setup(settings, conditions, default_conditions)
+
+    def run_one(method, splits, seed, point):
+        config = settings.config(seed, **_values(method), **lambdas(point))
+        factory = None
+        if method in ("sum", "late"):
+            factory = branch_model(config, SumFusion if method == "sum" else LateFusion)
+        watch = BranchWatch(splits["val"]) if method == "late" else None
+        result = train_eval(config, splits, settings, factory, watch)[1]
+        if watch is not None and watch.tracker is not None:
+            # the unimodal models, each at its own best epoch
+            result["unimodal"] = branch_scores(watch.tracker, splits, source.view_names)
+        return result
+
     runs: list[dict[str, Any]] = []
-    tuning: dict[str, dict[str, Any]] = {}
-    for cond in conds:
-        tuning[cond.name] = {}
-        for method in FUSED:
-
-            def run_one(seed, point, method=method, cond=cond):
-                splits = source.splits(seed, cond)
-                config = settings.config(seed, **_values(method), **lambdas(point))
-                factory, tracker = None, None
-                if method in ("sum", "late"):
-                    cls = SumFusion if method == "sum" else LateFusion
-                    size = {k: getattr(config, k) for k in ("dim", "encoder_hidden", "head_hidden")}
-
-                    def factory(tr, cls=cls, size=size):
-                        return cls(tr.view_dims, tr.num_classes, **size)
-
-                holder: dict[str, Any] = {}
-
-                def on_epoch(tr):
-                    if "t" not in holder:
-                        holder["t"] = BranchTracker(tr.model, splits["val"])
-                    return holder["t"](tr)
-
-                trainer, result = train_eval(
-                    config, splits, settings, factory, on_epoch if method == "late" else None
-                )
-                tracker = holder.get("t")
-                if tracker is not None:  # the unimodal models, each at its own best epoch
-                    result["unimodal"] = {}
-                    for m, name in enumerate(views):
-                        r = {}
-                        for split in ("val", "test"):
-                            p = tracker.proba(splits[split], m)
-                            y = splits[split].labels
-                            r[f"{split}_accuracy"] = accuracy(p, y)
-                            r[f"{split}_auroc"] = macro_auroc(p, y)
-                            r[f"{split}_nll"] = nll(p, y)
-                        result["unimodal"][name] = r
-                return result
-
-            results, tuning[cond.name][method] = tuned(settings, method in OMNIFUSE_ROWS, run_one)
-            point = tuning[cond.name][method]["chosen"]
-            for seed, result in results.items():
-                base = {"seed": seed, "condition": cond.name}
-                runs.append(record(result, point, **base, method=method))
-                for name, r in result.get("unimodal", {}).items():
-                    runs.append(record(r, point, **base, method=f"uni:{name}"))
+    done, tuning = tune_rows(
+        settings, source, conds, FUSED, run_one, lambda method: method in OMNIFUSE_ROWS
+    )
+    for cond, method, point, results in done:
+        for seed, result in results.items():
+            base = {"seed": seed, "condition": cond.name}
+            runs.append(record(result, point, **base, method=method))
+            for name, r in result.get("unimodal", {}).items():
+                runs.append(record(r, point, **base, method=f"uni:{name}"))
     summary: dict[str, Any] = {}
     for cond in conds:
         match = {"condition": cond.name}
-        entry: dict[str, Any] = {"premise": premise_check(runs, match, views)}
+        entry: dict[str, Any] = {"premise": premise_check(runs, match, source.view_names)}
         for metric in ("test_accuracy", "test_auroc", "test_nll"):
             entry[metric] = {
                 m: cell(
@@ -137,26 +112,22 @@ def run(
                 for m in FUSED
             }
             entry[metric]["unimodal"] = {
-                v: cell(runs, metric, {**match, "method": f"uni:{v}"}) for v in views
+                v: cell(runs, metric, {**match, "method": f"uni:{v}"}) for v in source.view_names
             }
         entry["tuning"] = tuning[cond.name]
         summary[cond.name] = entry
     summary["premise"] = {c.name: summary[c.name]["premise"]["verdict"] for c in conds}
-    params = {"conditions": {c.name: c.to_dict() for c in conds}, "views": views}
+    params = {"conditions": {c.name: c.to_dict() for c in conds}, "views": source.view_names}
     params["data"] = source.describe()
-    md = _markdown(summary, settings, params, conds)
-    write_outputs(out, "fusion", settings, params, runs, summary, md, _figure(summary, conds))
-    return {"summary": summary, "runs": runs}
+    return conclude(out, "fusion", settings, conds, params, runs, summary, _markdown, _figure)
 
 
 def _markdown(summary, settings, params, conds) -> str:
     parts = [
         f"# Fusion operators and the premise check on {params['data']}",
         "",
-        f"{len(settings.seeds)} seeds, up to {settings.epochs} epochs (early stopping on "
-        f"validation NLL, patience {settings.patience}); each row's grid point chosen on the "
-        f"validation NLL of {settings.tune_seeds} tuning seed(s); mean ± std; p: paired t-test "
-        "over seeds against concat.",
+        protocol(settings, "each row's grid point chosen")
+        + "; mean ± std; p: paired t-test over seeds against concat.",
     ]
     for cond in conds:
         e = summary[cond.name]
@@ -179,11 +150,7 @@ def _markdown(summary, settings, params, conds) -> str:
                 ]
             )
         parts += [
-            "",
-            f"## {cond.name}",
-            "",
-            f"Missing rate {cond.missing_rate}, corruption {cond.corruption.to_dict()}.",
-            "",
+            *cond.heading(),
             *premise_markdown(e["premise"]),
             "",
             md_table(["model", "accuracy", "AUROC", "NLL", "grid point"], rows),
