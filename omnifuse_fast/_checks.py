@@ -200,6 +200,19 @@ def in_range(
             )
 
 
+def class_values(name: str, t: torch.Tensor, num_classes: int) -> None:
+    """Value check: class indices in ``[0, C)`` (the C++ kernels raise the same message)."""
+    hint = f"the logits have C = {num_classes} classes (their last dim)"
+    in_range(name, t, 0, num_classes - 1, what="class indices", hint=hint)
+
+
+def comb_values(name: str, t: torch.Tensor, num_modalities_: int | None) -> None:
+    """Value check: combination ids in ``[1, 2**M)`` (M = 8 when not known)."""
+    m = num_modalities_ if num_modalities_ is not None else MAX_MODALITIES
+    hint = f"ids of {m} modalities come from combination_ids(present) (0 means none present)"
+    in_range(name, t, 1, comb_top(num_modalities_), what="combination ids", hint=hint)
+
+
 def logits3(name: str, t: object) -> torch.Tensor:
     """Per-modality logits ``[B, M, C]`` with 2 <= M <= 8 and C >= 2."""
     t = floating(name, t, ndim=3, shape=(None, None, None))
@@ -230,14 +243,7 @@ def class_labels(
             f"convert with {name}.long()"
         )
     if values:
-        in_range(
-            name,
-            t,
-            0,
-            num_classes - 1,
-            what="class indices",
-            hint=f"the logits have C = {num_classes} classes (their last dim)",
-        )
+        class_values(name, t, num_classes)
     return t
 
 
@@ -295,9 +301,7 @@ def comb_ids(
     """Combination ids: integer ``[B]`` in ``1 .. 2**M - 1`` (the range only with ``values``)."""
     t = tensor(name, comb, ndim=1, dtypes=(torch.int64, torch.int32), shape=(batch,))
     if values:
-        m = num_modalities_ if num_modalities_ is not None else MAX_MODALITIES
-        hint = f"ids of {m} modalities come from combination_ids(present) (0 means none present)"
-        in_range(name, t, 1, comb_top(num_modalities_), what="combination ids", hint=hint)
+        comb_values(name, t, num_modalities_)
     return t
 
 

@@ -9,6 +9,8 @@ cannot run). The Python pass over the data is skipped for this backend.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -48,19 +50,22 @@ def at(t, idx, value):
 
 
 NAN, INF = float("nan"), float("inf")
+# float 0/1 labels are multilabel only when said so (SPEC section 8)
+dwfuse_loss_ml = functools.partial(of.dwfuse_loss, multilabel=True)
+dwfuse_weights_ml = functools.partial(of.dwfuse_weights, multilabel=True)
 
 # (id, op, args, regex naming the argument); every case has exactly one bad value
 CASES = [
     ("dw-labels-high", of.dwfuse_loss, lambda: (z3(), at(y(), 2, C)), r"^labels class indices"),
     ("dw-labels-neg", of.dwfuse_weights, lambda: (z3(), at(y(), 5, -1)), r"^labels class"),
-    ("dw-ml-half", of.dwfuse_loss, lambda: (z3(), at(torch.ones(B, C), 3, 0.5)), r"^labels \("),
-    ("dw-ml-two", of.dwfuse_weights, lambda: (z3(), at(torch.ones(B, C), 9, 2.0)), r"^labels"),
+    ("dw-ml-half", dwfuse_loss_ml, lambda: (z3(), at(torch.ones(B, C), 3, 0.5)), r"^labels \("),
+    ("dw-ml-two", dwfuse_weights_ml, lambda: (z3(), at(torch.ones(B, C), 9, 2.0)), r"^labels"),
     ("dw-nan", of.dwfuse_loss, lambda: (at(z3(), 7, NAN), y()), r"^modality_logits must be"),
     ("dw-inf", of.dwfuse_weights, lambda: (at(z3(), 80, INF), y()), r"^modality_logits must"),
     ("dw-neg-inf", of.dwfuse_loss, lambda: (at(z3(), 1, -INF), y()), r"^modality_logits"),
     (
         "dw-ml-nan",
-        of.dwfuse_loss,
+        dwfuse_loss_ml,
         lambda: (at(z3(), 12, NAN), torch.ones(B, C)),
         r"^modality_logits",
     ),
@@ -164,7 +169,7 @@ def test_the_python_value_pass_is_skipped_for_cpu(monkeypatch, name):
     real = getattr(_checks, name)
     monkeypatch.setattr(_checks, name, lambda *a, **k: calls.append(a) or real(*a, **k))
     of.dwfuse_loss(z3(), y(), backend="cpu")
-    of.dwfuse_loss(z3(), torch.ones(B, C), backend="cpu")
+    of.dwfuse_loss(z3(), torch.ones(B, C), backend="cpu", multilabel=True)
     of.tla_stats(z2(), y(), comb(), M, backend="cpu")
     of.tla_loss(z2(), y(), comb(), 1, backend="cpu")
     of.modality_mix(torch.randn(B, M, D), y(), src(), C, backend="cpu")
@@ -173,7 +178,7 @@ def test_the_python_value_pass_is_skipped_for_cpu(monkeypatch, name):
     assert calls == []
     # ... while the reference backend still runs it
     of.dwfuse_loss(z3(), y(), backend="reference")
-    of.dwfuse_loss(z3(), torch.ones(B, C), backend="reference")
+    of.dwfuse_loss(z3(), torch.ones(B, C), backend="reference", multilabel=True)
     of.tla_stats(z2(), y(), comb(), M, backend="reference")
     of.soft_cross_entropy(z2(), torch.rand(B, C), backend="reference")
     of.combination_ids(torch.ones(B, M, dtype=torch.bool), backend="reference")

@@ -140,7 +140,7 @@ OMNIFUSE_CPU_CLONES void minmax_rows(const T* p, int64_t n, int64_t* out) {
 // message) unless every value of the integer tensor idx is in [lo, hi]. One parallel pass over
 // the (small) index tensor, before any kernel indexes with it.
 inline void check_range(const Tensor& idx_in, int64_t lo, int64_t hi, const char* name,
-                        const char* what) {
+                        const char* what, const std::string& hint = "") {
   const Tensor idx = idx_in.contiguous();
   const int64_t n = idx.numel();
   if (n == 0) return;
@@ -163,12 +163,20 @@ inline void check_range(const Tensor& idx_in, int64_t lo, int64_t hi, const char
     tmax = std::max(tmax, mm[2 * b + 1]);
   }
   TORCH_CHECK_VALUE(tmin >= lo && tmax <= hi, name, " ", what, " must be in [", lo, ", ", hi,
-                    "], got min ", tmin, ", max ", tmax);
+                    "], got min ", tmin, ", max ", tmax, hint.empty() ? "" : ": ", hint);
 }
 
-// Class labels: int64 in [0, C).
+// Class labels: int64 in [0, C) (hint: _checks.label_hint).
 inline void check_labels(const Tensor& labels, int64_t C, const char* name = "labels") {
-  check_range(labels, 0, C - 1, name, "class indices");
+  check_range(labels, 0, C - 1, name, "class indices",
+              "the logits have C = " + std::to_string(C) + " classes (their last dim)");
+}
+
+// Combination ids of M modalities: [1, 2**M - 1] (hint: _checks.comb_hint).
+inline void check_comb(const Tensor& comb, int64_t M) {
+  check_range(comb, 1, (int64_t(1) << M) - 1, "comb", "combination ids",
+              "ids of " + std::to_string(M) +
+                  " modalities come from combination_ids(present) (0 means none present)");
 }
 
 // Raises the Python check's ValueError for a non-finite tensor when any flag is set.

@@ -288,7 +288,9 @@ void raise_flags(const std::vector<uint8_t>& flags, const Tensor& logits) {
     logit = logit || flags[i];
     label = label || flags[i + 1];
   }
-  TORCH_CHECK_VALUE(!label, "labels (multilabel) must hold only 0 and 1");
+  TORCH_CHECK_VALUE(!label,
+                    "labels (multilabel) must hold only 0 and 1: threshold soft targets, e.g. "
+                    "(labels > 0.5).float()");
   TORCH_CHECK_VALUE(!logit, "modality_logits must be finite; it holds NaN or inf (",
                     describe(logits), ")");
 }

@@ -30,7 +30,8 @@ Tensor combination_ids_cpu(const Tensor& present_in) {
     }
   });
   TORCH_CHECK_VALUE(empty_row.load() == B, "present has a sample with no present modality (row ",
-                    empty_row.load(), ")");
+                    empty_row.load(),
+                    "): every sample needs at least one; drop samples with nothing observed");
   return out;
 }
 
@@ -142,7 +143,7 @@ std::tuple<Tensor, Tensor> tla_stats_cpu(const Tensor& logits_in, const Tensor& 
   const int64_t B = logits.size(0), C = logits.size(1), bins = int64_t(1) << num_modalities;
   const Distance dist = parse_distance(distance);
   check_labels(labels, C);
-  check_range(comb, 1, bins - 1, "comb", "combination ids");
+  check_comb(comb, num_modalities);
   const int64_t nblk = num_blocks(B, kBlock);
   std::vector<uint8_t> nonfinite(nblk, 0);
   // per-block partials, reduced below in block order: deterministic for any thread count
@@ -199,7 +200,7 @@ Tensor tla_loss_cpu(const Tensor& logits_in, const Tensor& labels_in, const Tens
   check_labels(labels, C);
   // ids of up to 8 modalities (M is not an argument); only the rows with comb == lazy are read,
   // so only their logits are checked for NaN/inf (the others do not enter the loss)
-  check_range(comb, 1, 255, "comb", "combination ids");
+  check_comb(comb, 8);
   const int64_t nblk = num_blocks(B, kBlock);
   std::vector<double> psum(nblk, 0.0);
   std::vector<int64_t> pcnt(nblk, 0);

@@ -33,7 +33,7 @@ def finite_where(name: str, v: torch.Tensor, observed: torch.Tensor) -> None:
     bad = ~torch.isfinite(v).all(dim=-1) & observed  # [B, M]
     if bool(bad.any()):
         row, mod = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(
+        raise _checks.NonFiniteInputError(
             f"{name} must be finite in its observed blocks; it holds NaN or inf in an observed "
             f"block (sample {row}, modality {mod}): only blocks marked missing "
             f"(observed[{row}, {mod}] = False) may hold anything. "
@@ -49,7 +49,7 @@ def finite_rows(name: str, x: torch.Tensor, observed_rows: torch.Tensor, modalit
     bad = ~torch.isfinite(x).all(dim=1) & observed_rows
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        raise ValueError(
+        raise _checks.NonFiniteInputError(
             f"{name} must be finite in its observed rows; it holds NaN or inf in row {row}, "
             f"which observed marks present (observed[{row}, {modality}] = True): rows of a "
             f"missing view may hold anything. Mark the row missing or clean the input"

@@ -46,7 +46,7 @@ def modality_mix(
     _checks.class_labels("labels", labels, bsz, num_classes, values=False)
     choice = _dispatch.resolve("modality_mix", backend, device)
     if _checks.python_value_checks(choice.backend):  # else: checked in the kernel
-        _checks.in_range("labels", labels, 0, num_classes - 1, what="class indices")
+        _checks.class_values("labels", labels, num_classes)
         _checks.in_range("src", src, 0, bsz - 1, what="source indices")
     if weights is not None:
         if _checks.value_checks_enabled():

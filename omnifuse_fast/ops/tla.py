@@ -32,9 +32,8 @@ def _logits_labels_comb(logits, labels, comb, num_modalities):
 def _check_values(backend, logits, labels, comb, num_modalities):
     """The value checks, unless the chosen backend's kernels make them."""
     if _checks.python_value_checks(backend):
-        _checks.in_range("labels", labels, 0, logits.shape[1] - 1, what="class indices")
-        top = _checks.comb_top(num_modalities)
-        _checks.in_range("comb", comb, 1, top, what="combination ids")
+        _checks.class_values("labels", labels, logits.shape[1])
+        _checks.comb_values("comb", comb, num_modalities)
         _checks.finite("logits", logits)
 
 
