@@ -82,6 +82,13 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"omnifuse_fast::{op}", dispatch_key)
 
 
+CPU_ONLY_OPS: tuple[str, ...] = (
+    "cra_forward_stash",
+    "cra_backward_stash",
+    "soft_cross_entropy_backward_logits",
+)
+"""Schemas with CPU kernels only: the autograd formulas call them for CPU tensors alone."""
+
 HAS_CPU_KERNELS: bool = has_kernel("dwfuse_loss", "CPU")
 HAS_CUDA_KERNELS: bool = has_kernel("dwfuse_loss", "CUDA")
 
