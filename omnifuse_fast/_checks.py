@@ -4,10 +4,17 @@ Shape, dtype and device checks always run, before any backend is chosen: they re
 only. Value checks (label and index ranges, finite logits, empty ``present`` rows) read the
 data, so (SPEC section 7) they belong where the data is read anyway: the backends of
 :data:`KERNEL_CHECKED` check them inside their kernels, and this module's second pass over the
-data runs only for the others (:func:`python_value_checks`). That pass can be switched off
-with :func:`set_value_checks`, and is skipped while ``torch.compile`` traces (a data-dependent
-branch would break the graph); the in-kernel checks of the C++ CPU kernels always run (they
-cost a few percent, and the index checks keep a bad label from touching memory out of bounds).
+data runs only for the reference (:func:`python_value_checks`; :data:`PYTHON_PASS_RULES` names
+the few rules a compiled backend does not check in its kernels yet). That pass can be switched
+off with :func:`set_value_checks`, and is skipped while ``torch.compile`` traces (a
+data-dependent branch would break the graph); the in-kernel checks always run (they cost a few
+percent, and the index checks keep a bad label from touching memory out of bounds).
+
+The C++ CPU kernels raise this module's ValueErrors themselves. The GPU kernels set a device
+flag per rule (``omnifuse_fast/_device_checks.py``): on a GPU it becomes a device-side assert
+(no host sync), and on CPU tensors (the Triton interpreter) the flag is read and the Python
+check of the flagged rule is run with ``force=True``, so the error is this module's, word for
+word.
 """
 
 from __future__ import annotations
@@ -23,15 +30,33 @@ MIN_MODALITIES, MAX_MODALITIES = 2, 8
 
 _value_checks = True
 
-# Backends whose kernels check the values they read (ranges, finiteness) and raise these same
-# errors. Only "cpu" for now: triton and cuda keep the Python pass until their device-side
-# checks land (then they join this set and only "reference" reads the data twice).
-KERNEL_CHECKED: frozenset[str] = frozenset({"cpu"})
+# Backends whose kernels check the values they read (ranges, finiteness): the C++ CPU kernels
+# raise these same errors; the Triton and CUDA kernels set device flags (_device_checks.py).
+# Only "reference" reads the data a second time.
+KERNEL_CHECKED: frozenset[str] = frozenset({"cpu", "triton", "cuda"})
+
+# Rules a kernel-checked backend does not check in its kernels yet. "x" is CRA's input
+# finiteness: the Triton CRA kernel flags it; the C++ CPU kernel does not, so the Python pass
+# still checks it for "cpu"; the CUDA kernel does not either, so for "cuda" the op queues a
+# device-side check instead (one more read of x, no host sync; CRA's cost is its GEMMs).
+PYTHON_PASS_RULES: dict[str, frozenset[str]] = {"cpu": frozenset({"x"})}
+DEVICE_PASS_RULES: dict[str, frozenset[str]] = {"cuda": frozenset({"x"})}
 
 
-def python_value_checks(backend: str) -> bool:
-    """Whether the ops run this module's value pass for the chosen ``backend``."""
-    return backend not in KERNEL_CHECKED
+def python_value_checks(backend: str, rule: str | None = None) -> bool:
+    """Whether the ops run this module's value pass for the chosen ``backend``.
+
+    ``rule`` (``"x"``, ``"weights"``): a rule that some kernels may not check
+    (:data:`PYTHON_PASS_RULES`); ``None`` for the rules every kernel checks."""
+    if backend not in KERNEL_CHECKED:
+        return True
+    return rule is not None and rule in PYTHON_PASS_RULES.get(backend, frozenset())
+
+
+def device_value_checks(backend: str, rule: str) -> bool:
+    """Whether ``rule`` is checked for ``backend`` by a device-side pass of the op
+    (:data:`DEVICE_PASS_RULES`: its kernels do not flag it, and a host read would sync)."""
+    return rule in DEVICE_PASS_RULES.get(backend, frozenset())
 
 
 class NonFiniteInputError(ValueError):
@@ -45,10 +70,12 @@ class NonFiniteInputError(ValueError):
 def set_value_checks(enabled: bool) -> None:
     """Turn the Python value checks (label/index ranges, finiteness) on or off for every op.
 
-    This switches off the second pass over the data that the reference path (and, until their
-    device checks land, the Triton and CUDA paths) makes. The C++ CPU kernels check the values
-    as they read them, at a few percent of their time, and keep doing so: a bad label never
-    reads or writes out of bounds, and the error is the same ValueError.
+    This switches off the second pass over the data that the reference path makes (and the
+    few rules of :data:`PYTHON_PASS_RULES`). The kernels of the cpu, triton and cuda backends
+    check the values as they read them, at a few percent of their time, and keep doing so: a
+    bad label never reads or writes out of bounds. The C++ CPU kernels (and the Triton
+    interpreter) raise the same ValueError; on a GPU the error is a device-side assert that
+    surfaces at the next synchronizing point.
     """
     global _value_checks
     _value_checks = bool(enabled)
@@ -162,15 +189,20 @@ def choice(name: str, v: object, options: Sequence[str]) -> str:
     return v  # type: ignore[return-value]
 
 
-def finite(name: str, t: torch.Tensor) -> None:
+def _on(force: bool) -> bool:
+    # force: the check of a rule a kernel flagged (the error path of the device checks)
+    return force or value_checks_enabled()
+
+
+def finite(name: str, t: torch.Tensor, *, force: bool = False) -> None:
     """Value check: no NaN or inf in ``t``."""
-    if value_checks_enabled() and t.numel() and not bool(torch.isfinite(t).all()):
+    if _on(force) and t.numel() and not bool(torch.isfinite(t).all()):
         raise NonFiniteInputError(f"{name} must be finite; it holds NaN or inf ({_describe(t)})")
 
 
-def finite_list(name: str, tensors: Sequence[torch.Tensor]) -> None:
+def finite_list(name: str, tensors: Sequence[torch.Tensor], *, force: bool = False) -> None:
     """Value check: no NaN or inf in any tensor of the list (one host sync for all)."""
-    if value_checks_enabled() and tensors:
+    if _on(force) and tensors:
         ok = torch.stack([torch.isfinite(t).all() for t in tensors])
         if not bool(ok.all()):
             i = int((~ok).nonzero()[0, 0])
@@ -188,10 +220,17 @@ def cra_width(x: torch.Tensor, w1: torch.Tensor) -> None:
 
 
 def in_range(
-    name: str, t: torch.Tensor, lo: int, hi: int, what: str = "values", hint: str = ""
+    name: str,
+    t: torch.Tensor,
+    lo: int,
+    hi: int,
+    what: str = "values",
+    hint: str = "",
+    *,
+    force: bool = False,
 ) -> None:
     """Value check: integer tensor with every element in [lo, hi] (``hint``: why, or the fix)."""
-    if value_checks_enabled() and t.numel():
+    if _on(force) and t.numel():
         tmin, tmax = int(t.min()), int(t.max())
         if tmin < lo or tmax > hi:
             raise ValueError(
@@ -200,17 +239,38 @@ def in_range(
             )
 
 
-def class_values(name: str, t: torch.Tensor, num_classes: int) -> None:
+def class_values(name: str, t: torch.Tensor, num_classes: int, *, force: bool = False) -> None:
     """Value check: class indices in ``[0, C)`` (the C++ kernels raise the same message)."""
     hint = f"the logits have C = {num_classes} classes (their last dim)"
-    in_range(name, t, 0, num_classes - 1, what="class indices", hint=hint)
+    in_range(name, t, 0, num_classes - 1, what="class indices", hint=hint, force=force)
 
 
-def comb_values(name: str, t: torch.Tensor, num_modalities_: int | None) -> None:
+def comb_values(
+    name: str, t: torch.Tensor, num_modalities_: int | None, *, force: bool = False
+) -> None:
     """Value check: combination ids in ``[1, 2**M)`` (M = 8 when not known)."""
     m = num_modalities_ if num_modalities_ is not None else MAX_MODALITIES
     hint = f"ids of {m} modalities come from combination_ids(present) (0 means none present)"
-    in_range(name, t, 1, comb_top(num_modalities_), what="combination ids", hint=hint)
+    in_range(name, t, 1, comb_top(num_modalities_), what="combination ids", hint=hint, force=force)
+
+
+def source_values(name: str, t: torch.Tensor, batch: int, *, force: bool = False) -> None:
+    """Value check: ``src`` rows of the batch, in ``[0, B)``."""
+    in_range(name, t, 0, batch - 1, what="source indices", force=force)
+
+
+# |sum_m w[b, m] - 1| above this is off the simplex: allclose's atol + rtol * 1
+SIMPLEX_TOL = 1e-3 + 1e-5
+
+
+def simplex_weights(name: str, w: torch.Tensor, *, force: bool = False) -> None:
+    """Value check: mixing proportions ``[M]`` or ``[B, M]``, >= 0 and summing to 1 over M."""
+    if _on(force) and w.numel():
+        w = w.float()
+        if bool((w < 0).any()) or not bool(
+            torch.allclose(w.sum(-1), torch.ones((), device=w.device), atol=1e-3)
+        ):
+            raise ValueError(f"{name} must be on the simplex: >= 0 and summing to 1 over M")
 
 
 def logits3(name: str, t: object) -> torch.Tensor:
@@ -247,9 +307,9 @@ def class_labels(
     return t
 
 
-def multilabel_values(name: str, t: torch.Tensor) -> None:
+def multilabel_values(name: str, t: torch.Tensor, *, force: bool = False) -> None:
     """Value check: a multilabel target holds only 0 and 1."""
-    if value_checks_enabled() and t.numel() and not bool(((t == 0) | (t == 1)).all()):
+    if _on(force) and t.numel() and not bool(((t == 0) | (t == 1)).all()):
         raise ValueError(
             f"{name} (multilabel) must hold only 0 and 1: threshold soft targets, e.g. "
             f"({name} > 0.5).float()"
@@ -271,9 +331,9 @@ def labels_any(
     return False
 
 
-def present_rows(name: str, t: torch.Tensor) -> None:
+def present_rows(name: str, t: torch.Tensor, *, force: bool = False) -> None:
     """Value check: no all-false row in a ``[B, M]`` mask."""
-    if value_checks_enabled() and t.shape[0] and not bool(t.any(dim=1).all()):
+    if _on(force) and t.shape[0] and not bool(t.any(dim=1).all()):
         row = int((~t.any(dim=1)).nonzero()[0, 0])
         raise ValueError(
             f"{name} has a sample with no present modality (row {row}): every sample needs at "

@@ -1,8 +1,11 @@
 """Value checks on the device (omnifuse_fast/_device_checks.py), on the Triton interpreter.
 
-With the Python value checks off (``set_value_checks(False)``, or inside ``torch.compile``) a bad
-label, comb or src must still raise a clear error, now from the kernel's flag via
-``torch._assert_async``, and no kernel may touch memory outside its tensors. The interpreter runs
+The Python value pass does not run for the triton backend (it is kernel-checked, SPEC section 7),
+and not at all with ``set_value_checks(False)`` or inside ``torch.compile``: a bad label, comb or
+src must still raise the clear error, from the kernel's flag. On CPU tensors (the interpreter)
+the flag is read and the error is ``_checks``' ValueError, word for word; on a GPU it is a
+``torch._assert_async`` (tested here through a stand-in device, and for real in
+``tests/test_device_checks_gpu*.py``). No kernel may touch memory outside its tensors. The interpreter runs
 the kernels on CPU tensors; :class:`Bounds` watches every load, store and atomic it makes and
 records each address a kernel would touch outside the extent of every tensor argument of the
 launch (test inputs sit inside larger buffers, so a near miss lands in padding, not in another
@@ -24,6 +27,7 @@ from _harness import compiled_opaque
 
 import omnifuse_fast as of
 from omnifuse_fast import _device_checks, _dispatch
+from omnifuse_fast._checks import NonFiniteInputError
 
 pytest.importorskip("triton")
 
@@ -187,6 +191,8 @@ def test_cuda_sources_use_the_same_slots_and_messages():
         "kFlagSoftLabels": _device_checks.SOFT_LABELS,
         "kFlagPresent": _device_checks.PRESENT,
         "kFlagWeights": _device_checks.WEIGHTS,
+        "kFlagGrads": _device_checks.GRADS,
+        "kFlagX": _device_checks.X,
         "kNumFlagSlots": _device_checks.NUM_SLOTS,
     }
     for name, value in slots.items():
@@ -200,12 +206,60 @@ def test_cuda_sources_use_the_same_slots_and_messages():
     assert _device_checks.message("x", 0).endswith("(value check on the device)")
 
 
-def test_assert_async_raises_at_once_on_cpu():
+def test_flags_on_cpu_raise_the_python_checks_error():
+    """CPU tensors (the interpreter): the flag is read and the flagged rule's Python check runs,
+    so the error is _checks' ValueError, word for word (the reference's)."""
     flags = _device_checks.new_flags(torch.device("cpu"))
-    _device_checks.raise_if_flagged(flags, "op", *_device_checks.MESSAGES)
+    src = torch.tensor([[0, 1, 2], [2, 1, 0]])
+    _device_checks.raise_if_flagged(flags, "op", tuple(_device_checks.MESSAGES), src=src)
     flags[_device_checks.SRC] = 0
-    with pytest.raises(RuntimeError, match=r"omnifuse_fast\.op: src must be source indices"):
-        _device_checks.raise_if_flagged(flags, "op", _device_checks.SRC)
+    with pytest.raises(ValueError, match=r"^src source indices must be in \[0, 2\], got min -1"):
+        _device_checks.raise_if_flagged(
+            flags, "op", (_device_checks.SRC,), src=torch.tensor([[0, 1, 2], [2, -1, 0]])
+        )
+    # a flag the Python check does not confirm (a kernel bug) still raises, never returns
+    with pytest.raises(ValueError, match=r"omnifuse_fast\.op: src must be source indices"):
+        _device_checks.raise_if_flagged(flags, "op", (_device_checks.SRC,), src=src)
+    # a flagged slot the op does not check is not this op's error
+    _device_checks.raise_if_flagged(flags, "op", (_device_checks.LABELS,))
+
+
+def test_every_slot_has_a_python_check():
+    """host_check covers every slot: the one map from a slot to the host's error."""
+    z = torch.zeros(2, 3)
+    bad = {
+        _device_checks.LABELS: dict(labels=torch.tensor([0, 3]), num_classes=3),
+        _device_checks.COMB: dict(comb=torch.tensor([0, 1]), num_modalities=2),
+        _device_checks.SRC: dict(src=torch.tensor([[0, 2]])),
+        _device_checks.MULTILABEL: dict(labels=torch.tensor([0.0, 0.5])),
+        _device_checks.LOGITS: dict(logits=z.log(), logits_name="modality_logits"),
+        _device_checks.SOFT_LABELS: dict(soft_labels=z.log()),
+        _device_checks.PRESENT: dict(present=torch.tensor([[True], [False]])),
+        _device_checks.WEIGHTS: dict(weights=torch.tensor([0.5, 0.6])),
+        _device_checks.GRADS: dict(grads={"g0": [z], "gw": [z.log()]}),
+        _device_checks.X: dict(x=z.log()),
+    }
+    assert set(bad) == set(_device_checks.MESSAGES) == set(range(_device_checks.NUM_SLOTS))
+    for slot, args in bad.items():
+        with pytest.raises(ValueError):
+            _device_checks.host_check(slot, **args)
+
+
+def test_flags_on_a_gpu_are_device_asserts_without_a_host_read(monkeypatch):
+    """Off the CPU, raise_if_flagged queues one ``_assert_async`` per slot and reads nothing
+    (the meta device stands in for a GPU here: any host read of it would fail)."""
+    calls = []
+    monkeypatch.setattr(torch, "_assert_async", lambda t, msg: calls.append((t.device, msg)))
+    flags = _device_checks.new_flags(torch.device("meta"))
+    slots = (_device_checks.LABELS, _device_checks.LOGITS)
+    _device_checks.raise_if_flagged(flags, "dwfuse_loss", slots, labels=None, logits=None)
+    assert calls == [
+        (torch.device("meta"), _device_checks.message("dwfuse_loss", s)) for s in slots
+    ]
+    assert calls[0][1] == (
+        "omnifuse_fast.dwfuse_loss: labels must be class indices in [0, C) "
+        "(value check on the device)"
+    )
 
 
 # ------------------------------------------------------------------ bad values, checks off
@@ -277,14 +331,14 @@ def test_good_values_pass_and_stay_inside(bounds, checks_off):
 @pytest.mark.parametrize("op", ["dwfuse_loss", "dwfuse_weights"])
 def test_dwfuse_bad_labels(bounds, checks_off, op, value):
     z, y = dw()
-    with pytest.raises(RuntimeError, match=rf"{op}: labels must be class indices in \[0, C\)"):
+    with pytest.raises(ValueError, match=rf"^labels class indices must be in \[0, {C - 1}\]"):
         getattr(of, op)(z, with_value(y, 4, value), backend="triton")
 
 
 @pytest.mark.parametrize("op", ["dwfuse_loss", "dwfuse_weights"])
 def test_dwfuse_bad_multilabel_targets(bounds, checks_off, op):
     z, y = dw(multilabel=True)
-    with pytest.raises(RuntimeError, match=rf"{op}: labels \(multilabel\) must hold only 0 and 1"):
+    with pytest.raises(ValueError, match=r"^labels \(multilabel\) must hold only 0 and 1"):
         getattr(of, op)(z, with_value(y, (2, 3), 0.5), backend="triton", multilabel=True)
 
 
@@ -292,9 +346,9 @@ def test_dwfuse_bad_multilabel_targets(bounds, checks_off, op):
 def test_tla_bad_labels(bounds, checks_off, value):
     z, y, comb = tla_in()
     bad = with_value(y, 7, value)
-    with pytest.raises(RuntimeError, match=r"tla_stats: labels must be class indices"):
+    with pytest.raises(ValueError, match=r"^labels class indices must be in"):
         of.tla_stats(z, bad, comb, M, "l2", backend="triton")
-    with pytest.raises(RuntimeError, match=r"tla_loss: labels must be class indices"):
+    with pytest.raises(ValueError, match=r"^labels class indices must be in"):
         of.tla_loss(z, bad, comb, int(comb[0]), backend="triton")
 
 
@@ -303,11 +357,11 @@ def test_tla_bad_comb(bounds, checks_off, value):
     z, y, comb = tla_in()
     bad = with_value(comb, 2, value)
     with pytest.raises(
-        RuntimeError, match=r"tla_stats: comb must be combination ids in \[1, 2\*\*M\)"
+        ValueError, match=rf"^comb combination ids must be in \[1, {(1 << M) - 1}\]"
     ):
         of.tla_stats(z, y, bad, M, backend="triton")
     if value != 1 << M:  # tla_loss does not know M: any id of up to 8 modalities is fine
-        with pytest.raises(RuntimeError, match=r"tla_loss: comb must be combination ids"):
+        with pytest.raises(ValueError, match=r"^comb combination ids must be in \[1, 255\]"):
             of.tla_loss(z, y, bad, 1, backend="triton")
 
 
@@ -316,14 +370,14 @@ def test_tla_bad_comb(bounds, checks_off, value):
 def test_mix_bad_src(bounds, checks_off, value, weights):
     v, y, src = mix_in()
     w = torch.full((B, M), 1.0 / M) if weights else None
-    with pytest.raises(RuntimeError, match=r"modality_mix: src must be source indices in \[0, B\)"):
+    with pytest.raises(ValueError, match=rf"^src source indices must be in \[0, {B - 1}\]"):
         of.modality_mix(v, y, with_value(src, (1, 3), value), C, w, backend="triton")
 
 
 @pytest.mark.parametrize("value", BAD_LABELS)
 def test_mix_bad_labels(bounds, checks_off, value):
     v, y, src = mix_in()
-    with pytest.raises(RuntimeError, match=r"modality_mix: labels must be class indices"):
+    with pytest.raises(ValueError, match=r"^labels class indices must be in"):
         of.modality_mix(v, with_value(y, 5, value), src, C, backend="triton")
 
 
@@ -334,7 +388,9 @@ def test_present_without_a_modality(bounds, checks_off):
         of.combination_ids(padded(present), backend="triton"), of.combination_ids(present)
     )
     present[6] = False
-    with pytest.raises(RuntimeError, match=r"combination_ids: present has a sample with no"):
+    with pytest.raises(
+        ValueError, match=r"^present has a sample with no present modality \(row 6\)"
+    ):
         of.combination_ids(padded(present), backend="triton")
 
 
@@ -348,7 +404,7 @@ def test_mix_weights_off_the_simplex(bounds, checks_off, case):
         "sum-below": torch.tensor([0.3, 0.3, 0.3]),
         "nan": torch.tensor([float("nan"), 0.5, 0.5]),
     }[case]
-    with pytest.raises(RuntimeError, match=r"modality_mix: weights must be on the simplex"):
+    with pytest.raises(ValueError, match=r"^weights must be on the simplex"):
         of.modality_mix(v, y, src, C, padded(w), backend="triton")
     w[4] = torch.tensor([0.2, 0.3, 0.5 + 5e-4])  # within the reference check's tolerance
     of.modality_mix(v, y, src, C, padded(w), backend="triton")
@@ -362,20 +418,20 @@ def test_non_finite_logits(bounds, checks_off, value):
     for multilabel in (False, True):
         z, y = dw(multilabel)
         for op in ("dwfuse_loss", "dwfuse_weights"):
-            with pytest.raises(RuntimeError, match=rf"{op}: logits must be finite"):
+            with pytest.raises(NonFiniteInputError, match=r"^modality_logits must be finite"):
                 getattr(of, op)(
                     with_value(z, (3, 1, 2), value), y, backend="triton", multilabel=multilabel
                 )
     z2, y2, comb = tla_in()
     bad = with_value(z2, (5, 4), value)
-    with pytest.raises(RuntimeError, match=r"tla_stats: logits must be finite"):
+    with pytest.raises(NonFiniteInputError, match=r"^logits must be finite"):
         of.tla_stats(bad, y2, comb, M, backend="triton")
-    with pytest.raises(RuntimeError, match=r"tla_loss: logits must be finite"):
+    with pytest.raises(NonFiniteInputError, match=r"^logits must be finite"):
         of.tla_loss(bad, y2, comb, int(comb[5]), backend="triton")
     q = torch.softmax(z2, 1)
-    with pytest.raises(RuntimeError, match=r"soft_cross_entropy: logits must be finite"):
+    with pytest.raises(NonFiniteInputError, match=r"^logits must be finite"):
         of.soft_cross_entropy(bad, q, backend="triton")
-    with pytest.raises(RuntimeError, match=r"soft_cross_entropy: soft_labels must be finite"):
+    with pytest.raises(NonFiniteInputError, match=r"^soft_labels must be finite"):
         of.soft_cross_entropy(z2, with_value(q, (0, 0), value), backend="triton")
 
 
@@ -395,14 +451,14 @@ def test_non_finite_logits_in_a_later_tile(bounds, checks_off, n_cls):
     """Rows longer than one tile: the check runs in every tile of the class loop."""
     z = torch.randn(3, 2, n_cls, generator=gen(9))
     y = torch.randint(0, n_cls, (3,), generator=gen(10))
-    with pytest.raises(RuntimeError, match=r"dwfuse_loss: logits must be finite"):
+    with pytest.raises(NonFiniteInputError, match=r"^modality_logits must be finite"):
         of.dwfuse_loss(with_value(z, (2, 1, n_cls - 1), float("nan")), padded(y), backend="triton")
     z2 = torch.randn(3, 5000, generator=gen(11))
     q = torch.softmax(z2, 1)
-    with pytest.raises(RuntimeError, match=r"soft_cross_entropy: soft_labels must be finite"):
+    with pytest.raises(NonFiniteInputError, match=r"^soft_labels must be finite"):
         of.soft_cross_entropy(padded(z2), with_value(q, (1, 4999), float("inf")), backend="triton")
     comb = torch.ones(3, dtype=torch.int64)
-    with pytest.raises(RuntimeError, match=r"tla_stats: logits must be finite"):
+    with pytest.raises(NonFiniteInputError, match=r"^logits must be finite"):
         of.tla_stats(with_value(z2, (2, 4998), float("-inf")), padded(y), comb, 2, backend="triton")
 
 
@@ -456,11 +512,11 @@ def test_bad_values_raise_under_torch_compile(bounds, backend):
     args = [z, y, z2, y2, comb, v, y3, src]
     torch.testing.assert_close(fn(*args), step(*args))
     cases = [
-        (1, with_value(y, 0, C), r"dwfuse_loss: labels must be"),
-        (4, with_value(comb, 8, 0), r"tla_loss: comb must be"),
-        (3, with_value(y2, 8, -2), r"tla_loss: labels must be"),
-        (7, with_value(src, (0, 0), B), r"modality_mix: src must be"),
+        (1, with_value(y, 0, C), r"^labels class indices must be in \[0, 4\], got min \d+, max 5"),
+        (4, with_value(comb, 8, 0), r"^comb combination ids must be in \[1, 255\]"),
+        (3, with_value(y2, 8, -2), r"^labels class indices must be in \[0, 4\], got min -2"),
+        (7, with_value(src, (0, 0), B), r"^src source indices must be in \[0, 8\]"),
     ]
     for i, bad, match in cases:
-        with pytest.raises(RuntimeError, match=match):
+        with pytest.raises(ValueError, match=match):
             fn(*args[:i], bad, *args[i + 1 :])

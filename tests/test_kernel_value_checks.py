@@ -1,10 +1,13 @@
-"""Value checks inside the C++ CPU kernels (SPEC section 7, issue 16).
+"""Value checks inside the kernels (SPEC section 7, issue 16), on the cpu and triton backends.
 
-The cpu backend checks label, comb and src ranges, multilabel 0/1 labels, empty ``present`` rows
-and non-finite logits where its kernels read the data, and raises the same ValueError as the
-Python checks, naming the argument: with value checks on, after ``set_value_checks(False)``
-(the in-kernel checks always run) and inside a ``torch.compile`` graph (where the Python checks
-cannot run). The Python pass over the data is skipped for this backend.
+The cpu backend checks label, comb and src ranges, multilabel 0/1 labels, empty ``present`` rows,
+mixing weights and non-finite logits where its kernels read the data, and raises the same
+ValueError as the Python checks, naming the argument. The triton backend's kernels set device
+flags; on CPU tensors (the interpreter) the flag is read and the flagged rule's Python check
+raises the same ValueError. MIMO's gradients are checked through the Gram both compute anyway.
+Both hold with value checks on, after ``set_value_checks(False)`` (the in-kernel checks always
+run) and inside a ``torch.compile`` graph (where the Python checks cannot run); the Python pass
+over the data is skipped for both backends (only the reference reads the data twice).
 """
 
 from __future__ import annotations
@@ -13,12 +16,19 @@ import functools
 
 import pytest
 import torch
+from _harness import compiled_opaque, cpu_backend
 
 import omnifuse_fast as of
-from omnifuse_fast import _checks, _dispatch
+from omnifuse_fast import _checks
 
-_REASON = _dispatch.unavailable_reason("dwfuse_loss", "cpu", torch.device("cpu"))
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpu backend: {_REASON}")
+BACKENDS = ["cpu", "triton"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """A kernel-checked backend on CPU tensors (triton: in the interpreter), or skip."""
+    return cpu_backend(request.param, monkeypatch)
+
 
 B, M, C, D = 6, 3, 5, 4
 
@@ -108,6 +118,36 @@ CASES = [
         r"^soft_labels must be finite",
     ),
     (
+        "mix-weights-neg",
+        of.modality_mix,
+        lambda: (torch.randn(B, M, D), y(), src(), C, torch.tensor([1.5, -0.5, 0.0])),
+        r"^weights must be on the simplex",
+    ),
+    (
+        "mix-weights-rows",
+        of.modality_mix,
+        lambda: (torch.randn(B, M, D), y(), src(), C, at(torch.full((B, M), 1 / M), 7, 0.5)),
+        r"^weights must be on the simplex",
+    ),
+    (
+        "mimo-g0-nan",
+        of.mimo_combine,
+        lambda: ([torch.randn(3), at(torch.randn(2, 2), 3, NAN)], [torch.randn(3), z2()[:2, :2]]),
+        r"^g0\[1\] must be finite",
+    ),
+    (
+        "mimo-gw-inf",
+        of.mimo_combine,
+        lambda: ([torch.randn(4)], [at(torch.randn(4), 0, -INF)]),
+        r"^gw\[0\] must be finite",
+    ),
+    (
+        "mgda-inf",
+        of.mgda_min_norm,
+        lambda: ([[torch.randn(5)], [torch.randn(5)], [at(torch.randn(5), 2, INF)]],),
+        r"^grads\[2\]\[0\] must be finite",
+    ),
+    (
         "present-row",
         of.combination_ids,
         lambda: (torch.arange(B * M).view(B, M).div(M, rounding_mode="floor") != 1,),
@@ -117,74 +157,126 @@ CASES = [
 IDS = [c[0] for c in CASES]
 
 
-def _call(op, args, backend="cpu"):
+def _call(op, args, backend):
     return op(*args, backend=backend)
 
 
 @pytest.mark.parametrize("op,make,match", [c[1:] for c in CASES], ids=IDS)
-def test_cpu_kernels_raise_with_checks_on(op, make, match):
+def test_kernels_raise_with_checks_on(backend, op, make, match):
     with pytest.raises(ValueError, match=match):
-        _call(op, make())
+        _call(op, make(), backend)
 
 
 @pytest.mark.parametrize("op,make,match", [c[1:] for c in CASES], ids=IDS)
-def test_cpu_kernels_raise_with_checks_off(op, make, match):
+def test_kernels_raise_with_checks_off(backend, op, make, match):
     of.set_value_checks(False)
     with pytest.raises(ValueError, match=match):
-        _call(op, make())
+        _call(op, make(), backend)
 
 
 @pytest.mark.parametrize("op,make,match", [c[1:] for c in CASES], ids=IDS)
-def test_cpu_kernels_raise_under_torch_compile(op, make, match):
+def test_kernels_raise_under_torch_compile(backend, op, make, match):
+    """The default compiler (inductor), one graph: the ValueError comes from inside it."""
     torch._dynamo.reset()
-    compiled = torch.compile(lambda *a: op(*a, backend="cpu"), fullgraph=True)
+    compiled = compiled_opaque(lambda *a: op(*a, backend=backend), "inductor")
     with pytest.raises(ValueError, match=match):
         compiled(*make())
 
 
 @pytest.mark.parametrize("op,make,match", [c[1:] for c in CASES], ids=IDS)
-def test_same_message_as_the_reference_checks(op, make, match):
+def test_same_message_as_the_reference_checks(backend, op, make, match):
     """The kernels' messages are the Python checks' messages, word for word."""
     args = make()
-    with pytest.raises(ValueError) as cpu:
-        _call(op, args)
+    with pytest.raises(ValueError) as fast:
+        _call(op, args, backend)
     with pytest.raises(ValueError) as ref:
         _call(op, args, backend="reference")
-    assert str(cpu.value) == str(ref.value)
+    assert type(fast.value) is type(ref.value)
+    assert str(fast.value) == str(ref.value)
 
 
-def test_gradients_of_a_bad_batch_are_never_computed():
+def test_fp64_on_triton_keeps_the_checks(monkeypatch):
+    """Triton hands fp64 to the reference: the Python pass the ops skipped runs there."""
+    cpu_backend("triton", monkeypatch)
+    with pytest.warns(UserWarning, match="fp64"):
+        with pytest.raises(ValueError, match=r"^labels class indices"):
+            of.dwfuse_loss(z3().double(), at(y(), 2, C), backend="triton")
+    with pytest.raises(ValueError, match=r"^src source indices"):
+        of.modality_mix(torch.randn(B, M, D).double(), y(), at(src(), 4, B), C, backend="triton")
+    with pytest.raises(ValueError, match=r"^comb combination ids"):
+        of.tla_stats(z2().double(), y(), at(comb(), 1, 0), M, backend="triton")
+
+
+def test_gradients_of_a_bad_batch_are_never_computed(backend):
     z = at(z3(), 7, NAN).requires_grad_()
     with pytest.raises(ValueError, match="modality_logits"):
-        of.dwfuse_loss(z, y(), backend="cpu").backward()
+        of.dwfuse_loss(z, y(), backend=backend).backward()
     assert z.grad is None
 
 
 @pytest.mark.parametrize(
-    "name", ["in_range", "finite", "multilabel_values", "present_rows"], ids=str
+    "name",
+    ["in_range", "finite", "finite_list", "multilabel_values", "present_rows", "simplex_weights"],
+    ids=str,
 )
-def test_the_python_value_pass_is_skipped_for_cpu(monkeypatch, name):
-    """Good inputs on the cpu backend: no Python check reads the data a second time."""
+def test_the_python_value_pass_is_skipped(backend, monkeypatch, name):
+    """Good inputs on a kernel-checked backend: no Python check reads the data a second time."""
     calls = []
     real = getattr(_checks, name)
     monkeypatch.setattr(_checks, name, lambda *a, **k: calls.append(a) or real(*a, **k))
-    of.dwfuse_loss(z3(), y(), backend="cpu")
-    of.dwfuse_loss(z3(), torch.ones(B, C), backend="cpu", multilabel=True)
-    of.tla_stats(z2(), y(), comb(), M, backend="cpu")
-    of.tla_loss(z2(), y(), comb(), 1, backend="cpu")
-    of.modality_mix(torch.randn(B, M, D), y(), src(), C, backend="cpu")
-    of.soft_cross_entropy(z2(), torch.rand(B, C), backend="cpu")
-    of.combination_ids(torch.ones(B, M, dtype=torch.bool), backend="cpu")
-    assert calls == []
-    # ... while the reference backend still runs it
-    of.dwfuse_loss(z3(), y(), backend="reference")
-    of.dwfuse_loss(z3(), torch.ones(B, C), backend="reference", multilabel=True)
-    of.tla_stats(z2(), y(), comb(), M, backend="reference")
-    of.soft_cross_entropy(z2(), torch.rand(B, C), backend="reference")
-    of.combination_ids(torch.ones(B, M, dtype=torch.bool), backend="reference")
-    assert calls
+    w = torch.full((B, M), 1 / M)
+    g = [torch.randn(3), torch.randn(2)]
+    for b in (backend, "reference"):
+        if b == "reference":
+            assert calls == [], f"the Python pass ran for {backend}"
+        of.dwfuse_loss(z3(), y(), backend=b)
+        of.dwfuse_loss(z3(), torch.ones(B, C), backend=b, multilabel=True)
+        of.tla_stats(z2(), y(), comb(), M, backend=b)
+        of.tla_loss(z2(), y(), comb(), 1, backend=b)
+        of.modality_mix(torch.randn(B, M, D), y(), src(), C, w, backend=b)
+        of.soft_cross_entropy(z2(), torch.rand(B, C), backend=b)
+        of.combination_ids(torch.ones(B, M, dtype=torch.bool), backend=b)
+        of.mimo_combine(g, g, backend=b)
+        of.mgda_min_norm([g, g], backend=b)
+    assert calls  # ... while the reference backend still runs it
 
 
 def test_kernel_checked_backends_are_declared():
-    assert not _checks.python_value_checks("cpu")
+    for backend in ("cpu", "triton", "cuda"):
+        assert not _checks.python_value_checks(backend)
+        assert not _checks.python_value_checks(backend, "weights")
+    # CRA's input x: flagged by the Triton kernel; a Python pass on cpu, a device pass on cuda
+    assert _checks.python_value_checks("cpu", "x")
+    assert not _checks.python_value_checks("triton", "x")
+    assert not _checks.device_value_checks("triton", "x")
+    assert not _checks.python_value_checks("cuda", "x")
+    assert _checks.device_value_checks("cuda", "x")
     assert _checks.python_value_checks("reference")
+    assert _checks.python_value_checks("reference", "weights")
+    assert _checks.python_value_checks("reference", "x")
+
+
+def _cra_args(x: torch.Tensor) -> tuple:
+    k, h, f = 2, 3, x.shape[1]
+    w1, w2 = torch.randn(k, h, f) * 0.1, torch.randn(k, f, h) * 0.1
+    return x, w1, torch.zeros(k, h), w2, torch.zeros(k, f)
+
+
+@pytest.mark.parametrize("mode", ["on", "off", "compile"])
+def test_triton_cra_flags_a_non_finite_x(monkeypatch, mode):
+    """The Triton CRA kernel checks x where it reads it: the reference's error, checks on or
+    off, eager or compiled (the cpu backend still checks x in the Python pass)."""
+    cpu_backend("triton", monkeypatch)
+    args = _cra_args(at(torch.randn(B, 8), 13, NAN))
+    with pytest.raises(ValueError) as ref:
+        of.cra_forward(*args, backend="reference")
+    if mode == "off":
+        of.set_value_checks(False)
+    call = lambda *a: of.cra_forward(*a, backend="triton")  # noqa: E731
+    if mode == "compile":
+        torch._dynamo.reset()
+        call = compiled_opaque(call, "inductor")
+    with pytest.raises(ValueError) as got:
+        call(*args)
+    assert str(got.value) == str(ref.value)
+    assert str(got.value).startswith("x must be finite")

@@ -25,6 +25,10 @@ std::tuple<Tensor, Tensor> modality_mix_cpu(const Tensor& v_in, const Tensor& la
   Tensor w;
   if (weights_in.has_value() && weights_in->defined()) {
     w = weights_in->to(acc_type(v)).expand({B, M}).contiguous();
+    // value check: proportions on the simplex (_checks.simplex_weights' rule and message)
+    TORCH_CHECK_VALUE(!(w < 0).any().item<bool>() &&
+                          ((w.sum(-1) - 1).abs() <= 1e-3 + 1e-5).all().item<bool>(),
+                      "weights must be on the simplex: >= 0 and summing to 1 over M");
   }
   Tensor v_mix = empty_output({B, M, D}, v.options());
   Tensor soft = empty_output({B, C}, v.options());

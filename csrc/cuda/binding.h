@@ -112,6 +112,10 @@ inline const char* flag_message(int slot) {
       return "soft_labels must be finite (no NaN or inf)";
     case gpu::kFlagPresent:
       return "present has a sample with no present modality";
+    case gpu::kFlagGrads:
+      return "gradients must be finite (no NaN or inf)";
+    case gpu::kFlagX:
+      return "x must be finite (no NaN or inf)";
     default:
       return "weights must be on the simplex: >= 0 and summing to 1 over M";
   }

@@ -120,7 +120,9 @@ enum FlagSlot : int {
   kFlagSoftLabels = 5,  // NaN or inf soft labels
   kFlagPresent = 6,     // a sample with no present modality
   kFlagWeights = 7,     // mixing weights off the simplex
-  kNumFlagSlots = 8,
+  kFlagGrads = 8,       // NaN or inf MIMO gradients (checked on their Gram, in Python)
+  kFlagX = 9,           // NaN or inf CRA input (a device-side pass in Python, ops/cra.py)
+  kNumFlagSlots = 10,
 };
 
 // |sum_m w[b, m] - 1| above this is off the simplex (_device_checks.SIMPLEX_TOL).

@@ -1,13 +1,15 @@
 """MIMO (SPEC section 6) on the compiled backends: ``mimo_combine`` and ``mgda_min_norm``.
 
 The 2x2 Gram and the direction are each one fused pass; their gradients are polynomial in the
-inputs and written with torch ops.
+inputs and written with torch ops. The Gram also checks the gradients' finiteness (a NaN or inf
+anywhere makes it non-finite): ``_device_checks.check_gram``, no second pass over them.
 """
 
 from __future__ import annotations
 
 import torch
 
+from omnifuse_fast import _device_checks
 from omnifuse_fast.compiled._common import qualname, zeros_if_none
 from omnifuse_fast.reference.mimo import frank_wolfe_min_norm, min_norm_lambda
 
@@ -67,6 +69,7 @@ torch.library.register_autograd(
 def mimo_combine(g0, gw):
     """Gram in one fused pass, lambda with the reference's torch ops, direction in one pass."""
     gram = _ops.mimo_gram(g0, gw)
+    gram = _device_checks.check_gram("mimo_combine", gram, [g0, gw])
     lam = min_norm_lambda(gram[0], gram[1], gram[2])
     return list(_ops.mimo_direction(g0, gw, lam)), lam
 
@@ -83,6 +86,7 @@ def mgda_min_norm(grads):
             rows[i][i], rows[j][j] = g[0], g[2]
             rows[i][j] = rows[j][i] = g[1]
     gram = torch.stack([torch.stack(r) for r in rows])
+    gram = _device_checks.check_gram("mgda_min_norm", gram, grads)
     weights = frank_wolfe_min_norm(gram)
     direction = []
     for parts in zip(*grads):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from omnifuse_fast import _checks, _dispatch
+from omnifuse_fast import _checks, _device_checks, _dispatch
 
 
 def _autocast(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -50,7 +50,10 @@ def cra_forward(
     device = _checks.same_device(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
     x, w1, b1, w2, b2 = _autocast(device, x, w1, b1, w2, b2)
     _checks.same_dtype(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
-    _checks.finite("x", x)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2))
-    impl = _dispatch.resolve("cra_forward", backend, device, needs_grad=needs_grad).impl
-    return impl(x, w1, b1, w2, b2, activation)
+    choice = _dispatch.resolve("cra_forward", backend, device, needs_grad=needs_grad)
+    if _checks.python_value_checks(choice.backend, "x"):  # else: checked on the device
+        _checks.finite("x", x)
+    elif _checks.device_value_checks(choice.backend, "x"):  # no host sync
+        _device_checks.check_finite("cra_forward", _device_checks.X, x, x=x)
+    return choice.impl(x, w1, b1, w2, b2, activation)

@@ -20,10 +20,11 @@ def mimo_combine(
         ``(direction, lam)``: ``lam g0 + (1 - lam) gw`` per tensor, and ``lam`` (0-dim fp32).
     """
     _checks.grad_lists("g0", g0, "gw", gw)
-    _checks.finite_list("g0", g0)
-    _checks.finite_list("gw", gw)
-    impl = _dispatch.resolve("mimo_combine", backend, g0[0].device).impl
-    return impl(list(g0), list(gw))
+    choice = _dispatch.resolve("mimo_combine", backend, g0[0].device)
+    if _checks.python_value_checks(choice.backend):  # else: checked by the Gram (in the op)
+        _checks.finite_list("g0", g0)
+        _checks.finite_list("gw", gw)
+    return choice.impl(list(g0), list(gw))
 
 
 def mgda_min_norm(
@@ -37,6 +38,8 @@ def mgda_min_norm(
         raise TypeError("grads must be a non-empty list of gradient lists")
     for t, g in enumerate(grads):
         _checks.grad_lists("grads[0]", grads[0], f"grads[{t}]", g)
-        _checks.finite_list(f"grads[{t}]", g)
-    impl = _dispatch.resolve("mgda_min_norm", backend, grads[0][0].device).impl
-    return impl([list(g) for g in grads])
+    choice = _dispatch.resolve("mgda_min_norm", backend, grads[0][0].device)
+    if _checks.python_value_checks(choice.backend):  # else: checked by the Gram (in the op)
+        for t, g in enumerate(grads):
+            _checks.finite_list(f"grads[{t}]", g)
+    return choice.impl([list(g) for g in grads])

@@ -49,12 +49,8 @@ def modality_mix(
         _checks.class_values("labels", labels, num_classes)
         _checks.in_range("src", src, 0, bsz - 1, what="source indices")
     if weights is not None:
-        if _checks.value_checks_enabled():
-            w = weights.float()
-            if bool((w < 0).any()) or not bool(
-                torch.allclose(w.sum(-1), torch.ones(()), atol=1e-3)
-            ):
-                raise ValueError("weights must be on the simplex: >= 0 and summing to 1 over M")
+        if _checks.python_value_checks(choice.backend, "weights"):  # else: in the kernel
+            _checks.simplex_weights("weights", weights)
         weights = weights.float().expand(bsz, nmod).contiguous()
     return choice.impl(v, labels, src.long(), num_classes, weights)
 

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from omnifuse_fast import _dispatch
+from omnifuse_fast import _device_checks, _dispatch
 from omnifuse_fast.reference import cra as _reference
 from omnifuse_fast.triton._common import (
     ACTIVATION_IDS,
@@ -47,6 +47,7 @@ from omnifuse_fast.triton._common import (
     next_pow2,
     report_fallback,
 )
+from omnifuse_fast.triton._flags import X, flag_nonfinite
 
 MAX_F = 1024
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -63,6 +64,7 @@ def _cra_forward_kernel(
     lat_ptr,
     ss_ptr,
     sa_ptr,
+    flags_ptr,
     B,
     F,
     H,
@@ -82,6 +84,7 @@ def _cra_forward_kernel(
     rok = r < B
     fok = f < F
     s = tl.load(x_ptr + r * F + f, mask=rok & fok, other=0.0).to(tl.float32)
+    flag_nonfinite(flags_ptr, X, s, rok & fok)  # the value check of x, where it is read
     for k in range(0, K):
         if STASH:
             tl.store(ss_ptr + (k * B + r) * F + f, s, mask=rok & fok)
@@ -350,6 +353,7 @@ def _forward_op(
     shape_s, shape_a = ((k, bsz, feat), (k, bsz, hidden)) if stash else ((0,), (0,))
     ss = torch.empty(shape_s, dtype=torch.float32, device=x.device)
     sa = torch.empty(shape_a, dtype=torch.float32, device=x.device)
+    flags = _device_checks.new_flags(x.device)
     if bsz:
         plan = _plan(x, hidden)
         launch(
@@ -364,6 +368,7 @@ def _forward_op(
             lat,
             ss,
             sa,
+            flags,
             bsz,
             feat,
             hidden,
@@ -372,6 +377,7 @@ def _forward_op(
             STASH=stash,
             **plan,
         )
+    _device_checks.raise_if_flagged(flags, "cra_forward", (_device_checks.X,), x=x)
     return out, lat, ss, sa
 
 
@@ -444,6 +450,7 @@ def cra_forward(x, w1, b1, w2, b2, activation="relu"):
     reason = unsupported_reason(x, w1) or fallback_reason(x)
     if reason is not None:
         report_fallback("cra_forward", reason)
+        _device_checks.host_checks((_device_checks.X,), x=x)  # the ops left it to the kernel
         return _reference.cra_forward(x, w1, b1, w2, b2, activation)
     params = (x, w1, b1, w2, b2)
     stash = torch.is_grad_enabled() and any(t.requires_grad for t in params)

@@ -242,9 +242,21 @@ def _launch(mode: int, logits, labels, out, gin, beta: float, detach: bool, flag
         launch(_dwfuse_mc_kernel, (programs,), *args, 1.0 / bsz, ONE_TILE=block_c >= c, **common)
 
 
-def _raise_if_bad_values(flags: torch.Tensor, op: str, labels: torch.Tensor) -> None:
+def _slots(labels: torch.Tensor) -> tuple[int, int]:
+    """The rules the forward kernels check: the labels' (class ids or 0/1), finite logits."""
     slot = _device_checks.MULTILABEL if labels.dim() == 2 else _device_checks.LABELS
-    _device_checks.raise_if_flagged(flags, op, slot, _device_checks.LOGITS)
+    return slot, _device_checks.LOGITS
+
+
+def _values(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """What the Python checks of these slots read (_device_checks.host_check)."""
+    return dict(
+        labels=labels, num_classes=logits.shape[2], logits=logits, logits_name="modality_logits"
+    )
+
+
+def _raise_if_bad_values(flags: torch.Tensor, op: str, logits, labels) -> None:
+    _device_checks.raise_if_flagged(flags, op, _slots(labels), **_values(logits, labels))
 
 
 @triton_op("omnifuse_fast_triton::dwfuse_weights", mutates_args=())
@@ -254,7 +266,7 @@ def _weights_op(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torc
     omega = torch.empty(shape, dtype=logits.dtype, device=logits.device)
     flags = _device_checks.new_flags(logits.device)
     _launch(0, logits, labels, omega, omega, beta, True, flags)
-    _raise_if_bad_values(flags, "dwfuse_weights", labels)
+    _raise_if_bad_values(flags, "dwfuse_weights", logits, labels)
     return omega
 
 
@@ -276,7 +288,7 @@ def _loss_op(
     partials = torch.empty(_config(logits)[3], dtype=torch.float32, device=logits.device)
     flags = _device_checks.new_flags(logits.device)
     _launch(1, logits, labels, partials, partials, beta, detach_weight, flags)
-    _raise_if_bad_values(flags, "dwfuse_loss", labels)
+    _raise_if_bad_values(flags, "dwfuse_loss", logits, labels)
     denom = logits.shape[0] * (logits.shape[2] if labels.dim() == 2 else 1)
     return (partials.sum() / denom).to(logits.dtype)
 
@@ -324,7 +336,8 @@ _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 def dwfuse_weights(logits: torch.Tensor, labels: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
     """omega ``[B, M]`` (``[B, M, C]`` multilabel); gradients flow into the logits."""
-    if use_reference("dwfuse_weights", logits):
+    if use_reference("dwfuse_weights", logits):  # the ops skipped the Python pass: run it
+        _device_checks.host_checks(_slots(labels), **_values(logits, labels))
         return _reference.dwfuse_weights(logits, labels, beta)
     return _weights_op(logits, labels, float(beta))
 
@@ -333,7 +346,8 @@ def dwfuse_loss(
     logits: torch.Tensor, labels: torch.Tensor, beta: float = 0.5, detach_weight: bool = True
 ) -> torch.Tensor:
     """``L_enc`` (eq. 12); with ``detach_weight=False`` the gradient includes d omega/d logits."""
-    if use_reference("dwfuse_loss", logits):
+    if use_reference("dwfuse_loss", logits):  # the ops skipped the Python pass: run it
+        _device_checks.host_checks(_slots(labels), **_values(logits, labels))
         return _reference.dwfuse_loss(logits, labels, beta, detach_weight)
     return _loss_op(logits, labels, float(beta), bool(detach_weight))
 

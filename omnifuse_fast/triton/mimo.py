@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 import triton.language as tl
 
-from omnifuse_fast import _dispatch
+from omnifuse_fast import _device_checks, _dispatch
 from omnifuse_fast.reference import mimo as _reference
 from omnifuse_fast.reference.mimo import frank_wolfe_min_norm, min_norm_lambda
 from omnifuse_fast.triton._common import jit, launch, next_pow2, use_reference
@@ -190,6 +190,7 @@ def _combine_op(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     g0, gw = _contiguous(g0), _contiguous(gw)
     g = gram([g0, gw])
+    g = _device_checks.check_gram("mimo_combine", g, [g0, gw])
     lam = min_norm_lambda(g[0, 0], g[0, 1], g[1, 1])  # fp32, on the device
     (direction,) = lincomb([g0, gw], torch.stack([lam, 1.0 - lam]).view(1, 2))
     return direction, lam
@@ -259,7 +260,9 @@ def _mgda_op(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     n = len(flat) // num_objectives
     grads = [_contiguous(flat[t * n : (t + 1) * n]) for t in range(num_objectives)]
-    weights = frank_wolfe_min_norm(gram(grads))  # fp64 [T], the reference's solver
+    g = gram(grads)
+    g = _device_checks.check_gram("mgda_min_norm", g, grads)
+    weights = frank_wolfe_min_norm(g)  # fp64 [T], the reference's solver
     (direction,) = lincomb(grads, weights.view(1, -1))  # accumulated in fp64
     return weights.float(), direction
 
@@ -275,14 +278,17 @@ def mimo_combine(
     g0: list[torch.Tensor], gw: list[torch.Tensor]
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``(lam g0 + (1 - lam) gw per tensor, lam)``; differentiable in ``g0`` and ``gw``."""
-    if use_reference("mimo_combine", *g0):
+    if use_reference("mimo_combine", *g0):  # the ops skipped the Python pass: run it
+        _device_checks.host_checks((_device_checks.GRADS,), grads={"g0": g0, "gw": gw})
         return _reference.mimo_combine(list(g0), list(gw))
     return _combine_op(list(g0), list(gw))
 
 
 def mgda_min_norm(grads: list[list[torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """T-objective MGDA baseline (Frank-Wolfe on the Gram). Not differentiable."""
-    if use_reference("mgda_min_norm", *grads[0]):
+    if use_reference("mgda_min_norm", *grads[0]):  # the ops skipped the Python pass: run it
+        named = {f"grads[{t}]": g for t, g in enumerate(grads)}
+        _device_checks.host_checks((_device_checks.GRADS,), grads=named)
         return _reference.mgda_min_norm([list(g) for g in grads])
     flat = [t.detach() for g in grads for t in g]
     return _mgda_op(flat, len(grads))

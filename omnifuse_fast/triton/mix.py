@@ -263,6 +263,20 @@ def _soft_ce_kernel(
 # ------------------------------------------------------------------------- host side
 
 
+_SOFT_CE_SLOTS = (_device_checks.LOGITS, _device_checks.SOFT_LABELS)
+
+
+def _mix_slots(weights: torch.Tensor | None) -> tuple[int, ...]:
+    """The rules the mix kernel checks: src and labels, and the weights when given."""
+    slots = (_device_checks.SRC, _device_checks.LABELS)
+    return slots if weights is None else (*slots, _device_checks.WEIGHTS)
+
+
+def _mix_values(labels, src, num_classes, weights) -> dict:
+    """What the Python checks of those slots read (_device_checks.host_check)."""
+    return dict(labels=labels, num_classes=num_classes, src=src, weights=weights)
+
+
 def _row_block(bsz: int, width: int) -> int:
     return max(1, min(next_pow2(bsz), _TILE // width, 64))
 
@@ -308,10 +322,9 @@ def _mix_op(
         BLOCK_D=block_d,
         BLOCK_C=block_c,
     )
-    checked = (_device_checks.SRC, _device_checks.LABELS)
-    if has_w:
-        checked += (_device_checks.WEIGHTS,)
-    _device_checks.raise_if_flagged(flags, "modality_mix", *checked)
+    _device_checks.raise_if_flagged(
+        flags, "modality_mix", _mix_slots(weights), **_mix_values(labels, src, num_classes, weights)
+    )
     return v_mix, soft
 
 
@@ -426,7 +439,7 @@ def _soft_ce_op(logits: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tensor
     if logits.shape[0]:
         _soft_ce_launch(0, logits, soft_labels, partials, partials, partials, False, flags)
     _device_checks.raise_if_flagged(
-        flags, "soft_cross_entropy", _device_checks.LOGITS, _device_checks.SOFT_LABELS
+        flags, "soft_cross_entropy", _SOFT_CE_SLOTS, logits=logits, soft_labels=soft_labels
     )
     return (partials.sum() / max(logits.shape[0], 1)).to(logits.dtype)  # empty batch: 0
 
@@ -467,14 +480,17 @@ _soft_ce_op.register_autograd(_soft_ce_backward, setup_context=_soft_ce_setup)
 
 def modality_mix(v, labels, src, num_classes, weights=None):
     """``(v_mix, soft_labels)``; gradients flow into ``v`` (scatter-add) and ``weights``."""
-    if use_reference("modality_mix", v):
+    if use_reference("modality_mix", v):  # the ops skipped the Python pass: run it
+        slots = _mix_slots(weights)
+        _device_checks.host_checks(slots, **_mix_values(labels, src, num_classes, weights))
         return _reference.modality_mix(v, labels, src, num_classes, weights)
     return _mix_op(v, labels, src, int(num_classes), weights)
 
 
 def soft_cross_entropy(logits: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tensor:
     """``mean_b(-sum_c q_{b,c} log_softmax(z_b)_c)``; gradients for logits and soft labels."""
-    if use_reference("soft_cross_entropy", logits):
+    if use_reference("soft_cross_entropy", logits):  # the ops skipped the Python pass: run it
+        _device_checks.host_checks(_SOFT_CE_SLOTS, logits=logits, soft_labels=soft_labels)
         return _reference.soft_cross_entropy(logits, soft_labels)
     return _soft_ce_op(logits, soft_labels)
 

@@ -35,6 +35,19 @@ _COMB_HI_ANY_M = 1 << 8  # tla_loss does not know M: comb ids of up to 8 modalit
 _CHECKED = (_device_checks.LABELS, _device_checks.COMB, _device_checks.LOGITS)
 
 
+def _values(logits, labels, comb, num_modalities) -> dict:
+    """What the Python checks of ``_CHECKED`` read (_device_checks.host_check). tla_loss's
+    kernel checks only the lazy combination's logits (the others are never read): a flagged
+    row is among all the rows the Python check reads, so its error is the reference's."""
+    return dict(
+        labels=labels,
+        num_classes=logits.shape[1],
+        logits=logits,
+        comb=comb,
+        num_modalities=num_modalities,
+    )
+
+
 @jit
 def _combination_ids_kernel(
     p_ptr, out_ptr, flags_ptr, B, M, BLOCK_B: tl.constexpr, MP: tl.constexpr
@@ -292,7 +305,9 @@ def _combination_ids_op(present: torch.Tensor) -> torch.Tensor:
             BLOCK_B=block_b,
             MP=next_pow2(m),
         )
-    _device_checks.raise_if_flagged(flags, "combination_ids", _device_checks.PRESENT)
+    _device_checks.raise_if_flagged(
+        flags, "combination_ids", (_device_checks.PRESENT,), present=present
+    )
     return out
 
 
@@ -326,7 +341,9 @@ def _tla_stats_op(
         flags=flags,
         comb_hi=nbins,
     )
-    _device_checks.raise_if_flagged(flags, "tla_stats", *_CHECKED)
+    _device_checks.raise_if_flagged(
+        flags, "tla_stats", _CHECKED, **_values(logits, labels, comb, num_modalities)
+    )
     block = min(nbins, 64)
     launch(
         _bin_reduce_kernel,
@@ -364,7 +381,9 @@ def _tla_loss_op(
         flags=flags,
         comb_hi=_COMB_HI_ANY_M,
     )
-    _device_checks.raise_if_flagged(flags, "tla_loss", *_CHECKED)
+    _device_checks.raise_if_flagged(
+        flags, "tla_loss", _CHECKED, **_values(logits, labels, comb, None)
+    )
     # sum / count, and a real 0 (not NaN) when no sample is of the lazy combination
     return (psum.sum() / pcnt.sum().clamp_min(1)).to(logits.dtype)
 
@@ -415,7 +434,8 @@ def combination_ids(present: torch.Tensor) -> torch.Tensor:
 
 def tla_stats(logits, labels, comb, num_modalities, distance="ce"):
     """Per-combination distance sums (fp32) and counts (int64), ``[2**M]``; not differentiable."""
-    if use_reference("tla_stats", logits):
+    if use_reference("tla_stats", logits):  # the ops skipped the Python pass: run it
+        _device_checks.host_checks(_CHECKED, **_values(logits, labels, comb, num_modalities))
         return _reference.tla_stats(logits, labels, comb, num_modalities, distance)
     return _tla_stats_op(logits.detach(), labels, comb, int(num_modalities), distance)
 
@@ -424,7 +444,8 @@ def tla_loss(
     logits: torch.Tensor, labels: torch.Tensor, comb: torch.Tensor, lazy: int
 ) -> torch.Tensor:
     """Mean CE over the samples with ``comb == lazy`` (0 when there are none)."""
-    if use_reference("tla_loss", logits):
+    if use_reference("tla_loss", logits):  # the ops skipped the Python pass: run it
+        _device_checks.host_checks(_CHECKED, **_values(logits, labels, comb, None))
         return _reference.tla_loss(logits, labels, comb, lazy)
     return _tla_loss_op(logits, labels, comb, int(lazy))
 
