@@ -4,7 +4,13 @@ Issue 17's measure: for each setting, run ``omnifuse-fast train`` for ``--long``
 ``--short`` (3) epochs; the steady-state epoch time is ``(T_long - T_short) / (long - short)``,
 so that start-up, data loading, compilation and the final test cancel. ``T`` is the wall time
 of the whole command (what a user waits for); the run's own ``seconds`` (the training loop with
-validation) is reported next to it. Runs are interleaved (reference short, compiled short,
+validation) is reported next to it.
+
+Compilation must cost the same in both runs for it to cancel: inductor keeps compiled graphs in
+an on-disk cache shared by processes, so the first compiled run would pay a cold compile and
+the later ones only a cache load. Every run therefore uses one fresh cache directory
+(``TORCHINDUCTOR_CACHE_DIR``), filled by an untimed warm-up run of each setting first. Runs are
+interleaved (reference short, compiled short,
 reference long, compiled long, per repeat) so that a drifting machine load hits both alike,
 and the median over repeats is taken.
 
@@ -36,12 +42,13 @@ SETTINGS = {  # name -> the extra train flags
 }
 
 
-def run_train(epochs: int, flags: list[str], extra: list[str], out: Path) -> dict:
+def run_train(epochs: int, flags: list[str], extra: list[str], out: Path, cache: Path) -> dict:
     """One ``omnifuse-fast train`` run in a fresh process; its JSON line plus ``wall``."""
     cmd = [sys.executable, "-m", "omnifuse_fast", "train", "--quiet", "--epochs", str(epochs)]
     cmd += ["--out", str(out), *flags, *extra]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -53,12 +60,18 @@ def measure(short: int, long: int, repeats: int, extra: list[str]) -> dict:
     """``{setting: {"epoch_wall_s", "epoch_train_s", runs...}}`` and the ratio."""
     per: dict[str, dict[str, list[float]]] = {s: {"wall": [], "train": []} for s in SETTINGS}
     with tempfile.TemporaryDirectory(prefix="epoch_time_") as tmp:
+        cache = Path(tmp) / "inductor_cache"
+        for name, flags in SETTINGS.items():  # untimed: fills the compile cache, warms imports
+            res = run_train(short, flags, extra, Path(tmp) / f"{name}-warmup", cache)
+            print(
+                f"warm-up   {name:9s} {short:3d} epochs: wall {res['wall']:.2f} s", file=sys.stderr
+            )
         for r in range(repeats):
             runs: dict[tuple[str, int], dict] = {}
             for epochs in (short, long):
                 for name, flags in SETTINGS.items():
                     out = Path(tmp) / f"{name}-{epochs}-{r}"
-                    runs[(name, epochs)] = res = run_train(epochs, flags, extra, out)
+                    runs[(name, epochs)] = res = run_train(epochs, flags, extra, out, cache)
                     print(
                         f"repeat {r + 1}/{repeats} {name:9s} {epochs:3d} epochs: "
                         f"wall {res['wall']:.2f} s, training {res['seconds']:.2f} s, "
