@@ -189,9 +189,19 @@ def _guarded(op: str, backend: str, guard: Callable, impl: Callable, *args):
 
 
 def _record(op: str, backend: str) -> None:
-    # plain Python bookkeeping, done eagerly only: under torch.compile the trace runs once
-    if not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        _record_traced(op, backend)  # once per trace: the compiled graph calls this backend
+    else:
         _usage.setdefault(OPS.get(op, op), collections.Counter())[backend] += 1
+
+
+@torch.compiler.assume_constant_result
+def _record_traced(op: str, backend: str) -> bool:
+    """Record a choice made while dynamo traces: run for real at trace time (dynamo would
+    otherwise trace the bookkeeping, or break the graph on it), so a compiled step's backends
+    show in :func:`backend_usage` of the call that compiled it."""
+    _usage.setdefault(OPS.get(op, op), collections.Counter())[backend] += 1
+    return True
 
 
 def fallback(op: str, backend: str, to: str, reason: str) -> None:
@@ -202,7 +212,19 @@ def fallback(op: str, backend: str, to: str, reason: str) -> None:
     why, and the first time for each reason a ``UserWarning`` says so.
     """
     if torch.compiler.is_compiling():
+        _fallback_traced(op, backend, to, reason)
         return
+    _fallback_now(op, backend, to, reason)
+
+
+@torch.compiler.assume_constant_result
+def _fallback_traced(op: str, backend: str, to: str, reason: str) -> bool:
+    """:func:`fallback` at trace time (see :func:`_record_traced`)."""
+    _fallback_now(op, backend, to, reason)
+    return True
+
+
+def _fallback_now(op: str, backend: str, to: str, reason: str) -> None:
     with _lock:
         _fallbacks[(op, backend)] = reason
         counts = _usage.setdefault(OPS.get(op, op), collections.Counter())
@@ -212,7 +234,7 @@ def fallback(op: str, backend: str, to: str, reason: str) -> None:
         first = (op, backend, reason) not in _warned
         _warned.add((op, backend, reason))
     if first:
-        warnings.warn(f"{backend} {op} falls back to the {to}: {reason}", stacklevel=3)
+        warnings.warn(f"{backend} {op} falls back to the {to}: {reason}", stacklevel=4)
 
 
 def fallback_reasons() -> dict[tuple[str, str], str]:

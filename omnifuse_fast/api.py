@@ -44,7 +44,8 @@ class OmniFuseClassifier:
         **options: any other :class:`omnifuse_fast.train.TrainConfig` field (``alpha``,
             ``beta``, ``lambdas``, ``mm_stage1_epochs``, ``mimo_mode``, ``compile=True`` to
             ``torch.compile`` the training step, ``check_every`` to check the loss for
-            NaN/inf every N steps, ...).
+            NaN/inf every N steps, ``precision="bf16"`` to run the step's forward and losses
+            under ``torch.autocast`` in bfloat16, ...).
 
     Attributes (after :meth:`fit`):
         classes_: the label values (multiclass) or label names (multilabel).

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from omnifuse_fast._dispatch import BACKENDS
-from omnifuse_fast.train.config import METHODS, TrainConfig
+from omnifuse_fast.train.config import METHODS, PRECISIONS, TrainConfig
 
 PROG = "omnifuse-fast"
 
@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-every",
         type=_number(int, 1),
         help="check the loss for NaN/inf every N steps (default 1; more: fewer host syncs)",
+    )
+    r.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="precision of the training step's forward and losses: fp32 (default) or bf16 "
+        "(torch.autocast; parameters and optimizer stay fp32)",
     )
     r.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(handler=_train, subparser=t)

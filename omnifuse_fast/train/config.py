@@ -10,6 +10,7 @@ from omnifuse_fast._dispatch import BACKENDS
 from omnifuse_fast.data.corruption import Corruption
 
 METHODS = ("omnifuse", "concat", "mm", "mimo")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -62,10 +63,12 @@ class TrainConfig:
     mimo_mode: str = "mimo"
     backend: str = "auto"
     device: str = "cpu"
-    # the step: torch.compile of its forward and losses (backward through AOT autograd), and
-    # how often the loss terms are checked for NaN/inf (one host sync per check)
+    # the step: torch.compile of its forward and losses (backward through AOT autograd), how
+    # often the loss terms are checked for NaN/inf (one host sync per check), and the precision
+    # of its forward and losses ("bf16": under torch.autocast; parameters and AdamW stay fp32)
     compile: bool = False
     check_every: int = 1
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -109,6 +112,7 @@ class TrainConfig:
         _check(self.backend == "auto" or self.backend in BACKENDS, "backend", f"auto or {BACKENDS}")
         _check(isinstance(self.compile, bool), "compile", "True or False", self.compile)
         _check(_is_int(self.check_every) and self.check_every >= 1, "check_every", ">= 1")
+        _check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}", self.precision)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (stored in checkpoints and metrics.json)."""

@@ -17,7 +17,13 @@ Every step's loss terms of eq. 18 are checked for non-finite values: by default 
 update (one device sync per step), or every ``check_every`` steps with no sync in between. A
 bad term stops training with :class:`NonFiniteLossError`, naming the step and the term
 (:mod:`omnifuse_fast.train.finite`). ``compile=True`` runs the step's forward and losses
-through ``torch.compile`` (the backward through AOT autograd), on this same path.
+through ``torch.compile`` (the backward through AOT autograd), on this same path;
+``precision="bf16"`` runs them under ``torch.autocast`` (parameters, gradients and AdamW
+stay fp32; evaluation runs in fp32).
+
+Throughput: the result reports the steady-state ``ms_per_step`` and ``samples_per_s`` of this
+process's training loop (:func:`steady_state`): the median over its epochs after the first,
+which holds the compilation and warm-up.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import copy
 import inspect
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -65,9 +72,32 @@ from omnifuse_fast.train.finite import (
 from omnifuse_fast.train.metrics import accuracy, macro_auroc, write_metrics
 from omnifuse_fast.train.schedule import select_strong
 
-__all__ = ["NonFiniteLossError", "Trainer", "build_model", "load_data"]
+__all__ = ["NonFiniteLossError", "Trainer", "build_model", "load_data", "steady_state"]
 
 EVAL_BATCH = 1024
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}  # TrainConfig.precision -> autocast dtype
+
+
+def steady_state(epochs: list[tuple[int, int, float]]) -> dict[str, float | int | None]:
+    """Steady-state throughput from ``(steps, samples, seconds)`` per epoch of training loop.
+
+    The first epoch a process runs is left out: it holds ``torch.compile``'s compilation
+    (and the recompile of the last partial batch), first-call allocations and lazy
+    initialization. Over the other epochs the median of each epoch's own rate is taken, so
+    that a later one-off cost (MM learning's stage 2 compiling its mixing step) does not
+    count either. Fewer than two epochs: no steady state (``None``).
+
+    Returns:
+        ``{"ms_per_step", "samples_per_s", "steady_epochs"}``.
+    """
+    steady = [(n, b, t) for n, b, t in epochs[1:] if n > 0 and t > 0]
+    if not steady:
+        return {"ms_per_step": None, "samples_per_s": None, "steady_epochs": 0}
+    return {
+        "ms_per_step": round(statistics.median(1e3 * t / n for n, _, t in steady), 4),
+        "samples_per_s": round(statistics.median(b / t for _, b, t in steady), 2),
+        "steady_epochs": len(steady),
+    }
 
 
 class _ShardStep(torch.nn.Module):
@@ -178,6 +208,7 @@ class Trainer:
             kind = DistributedMIMOBalancer if self.dist.enabled else MIMOBalancer
             self.balancer = kind(shared, heads, fusion, config.mimo_mode, config.backend)
         self.finite = FiniteMonitor(config.check_every)
+        self._autocast = AUTOCAST[config.precision]
         # the step's forward and losses, compiled when asked (graph breaks fall back to eager)
         self._loss_fn = torch.compile(self._losses) if config.compile else self._losses
         self.ddp: torch.nn.Module | None = None
@@ -188,8 +219,11 @@ class Trainer:
         self.pool: torch.Tensor | None = None  # MM learning's selected samples (stage 2)
         self.best: dict[str, Any] | None = None
         self.train_seconds = 0.0
-        # per op family, the backends that ran in this process's training steps
+        # per op family, the backends that ran in this process's training steps (a compiled
+        # step's are recorded when it is traced)
         self.backends_train: dict[str, set[str]] = {}
+        # (steps, global samples, seconds) of each epoch's training loop in this process
+        self.loop_times: list[tuple[int, int, float]] = []
         self._bar: Any = None
 
     # ------------------------------------------------------------------ setup
@@ -355,34 +389,58 @@ class Trainer:
         cfg, model, train = self.config, self.model, self.splits["train"]
         model.train()
         stage2 = cfg.method == "mm" and self.pool is not None
-        order = torch.randperm(len(train), generator=self.shuffle)
+        # drawn on the CPU generator (resume), moved once: the steps index on the device
+        order = torch.randperm(len(train), generator=self.shuffle).to(self.device)
         sums: dict[str, torch.Tensor] = {}
         batches = 0
         _dispatch.reset_backend_usage()  # what runs in these steps (not in validation)
+        self._sync()
+        start_time = time.perf_counter()
         for step, start in enumerate(range(0, len(train), cfg.batch_size)):
-            try:
-                terms, out, observed, labels, real = self._step(
-                    order[start : start + cfg.batch_size], stage2, step
-                )
-            except NonFiniteInputError as exc:  # e.g. an op refusing inf embeddings
-                if not self.check_finite:
-                    raise
-                try:  # a bad loss in an unchecked earlier step explains it best
-                    self.finite.flush(self._checkpoint_path())
-                except NonFiniteLossError as err:
-                    raise err from exc
-                raise diagnose(model, exc, self.epoch, step, self._checkpoint_path()) from exc
-            self.optimizer.step()
-            if model.use_tla and real:
-                model.tla_observe(out, observed, labels)
+            terms = self.train_step(order[start : start + cfg.batch_size], stage2, step)
             for k, v in terms.items():  # on the device: no sync per term
                 sums[k] = sums[k] + v if k in sums else v.double()
             batches += 1
         if self.check_finite:  # before the epoch's checkpoint
             self.finite.flush(self._checkpoint_path())
+        self._sync()
+        self.loop_times.append((batches, len(train), time.perf_counter() - start_time))
         for family, used in _dispatch.backend_usage().items():
             self.backends_train.setdefault(family, set()).update(used.split("+"))
         return {k: float(v) / max(batches, 1) for k, v in sums.items()}
+
+    def _sync(self) -> None:
+        """Wait for the device (CUDA): the loop's timing brackets its work, not its launches."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train_step(
+        self, batch: torch.Tensor, stage2: bool = False, step: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """One optimizer step on the global batch ``batch`` (indices into the training split):
+        forward and losses, the finiteness check when due, backward, AdamW, the TLA miner's
+        update. ``stage2``: MM learning's mixing step; ``step``: the position in the epoch
+        (for error messages). Returns the logged loss terms, on the device (no host sync).
+
+        Raises:
+            NonFiniteLossError: a loss term is NaN or infinite (checked before the update
+                when ``check_every`` is 1), or an op refused non-finite values.
+        """
+        model = self.model
+        try:
+            terms, out, observed, labels, real = self._step(batch, stage2, step)
+        except NonFiniteInputError as exc:  # e.g. an op refusing inf embeddings
+            if not self.check_finite:
+                raise
+            try:  # a bad loss in an unchecked earlier step explains it best
+                self.finite.flush(self._checkpoint_path())
+            except NonFiniteLossError as err:
+                raise err from exc
+            raise diagnose(model, exc, self.epoch, step, self._checkpoint_path()) from exc
+        self.optimizer.step()
+        if model.use_tla and real:
+            model.tla_observe(out, observed, labels)
+        return terms
 
     def _draw_present(self, observed: torch.Tensor) -> torch.Tensor:
         """The imputer's supervision drop for a whole global batch (the global RNG, as the
@@ -431,7 +489,15 @@ class Trainer:
         terms to check for finiteness, detached model output)``. With several ranks each
         term is reweighted to this rank's share of the global batch
         (:func:`~omnifuse_fast.train.distributed.rank_share`) and logged with its global value.
+        Under ``precision="bf16"`` all of it runs in ``torch.autocast`` (inside the compiled
+        region when compiled; the backward then follows the forward's dtypes).
         """
+        if self._autocast is None:
+            return self._losses_body(views, observed, labels, present, real, pick, rows)
+        with torch.autocast(self.device.type, dtype=self._autocast):
+            return self._losses_body(views, observed, labels, present, real, pick, rows)
+
+    def _losses_body(self, views, observed, labels, present, real, pick, rows):
         cfg, model = self.config, self.model
         out = model(views, observed, labels, present=present)
         terms = dict(out.losses)
@@ -566,6 +632,10 @@ class Trainer:
             },
             "backends_eval": backends_eval,
             "lazy": self.model.miner.lazy if self.model.use_tla else None,
+            "precision": cfg.precision,
+            "compile": cfg.compile,
+            # steady-state training-loop throughput of this process (see steady_state)
+            **steady_state(self.loop_times),
         }
         if self.balancer is not None:
             result["mimo_subroutine_seconds"] = round(self.balancer.subroutine_seconds, 6)
