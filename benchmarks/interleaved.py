@@ -1,7 +1,11 @@
-"""Interleaved A/B timing of the issue-16 bandwidth ops in one process (noisy shared machines).
+"""Interleaved A/B timing of the issue-16 ops in one process (noisy shared machines).
 
 Each repetition runs one step of every provider in turn, so drifts in machine load hit all of
 them alike; the medians over many repetitions and their ratios are the figures to quote.
+
+Ops: the four bandwidth ops at B=65536, M=4, C=25, D=128 (fwd+bwd where there is a backward)
+and the CRA cascade fwd+bwd at B=2048, F=512, H=256, K=5 (relu, fp32; issue 16's CPU targets:
+each bandwidth op >= 1.5x compile, CRA >= 1.2x eager).
 
 Providers: ``eager`` (the public op on the reference backend, value checks on), ``compile``
 (``torch.compile`` of the reference function), ``cpu`` (value checks on: the default) and
@@ -23,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_cra  # noqa: E402
 import bench_dwfuse  # noqa: E402
 import bench_mix  # noqa: E402
 import bench_tla  # noqa: E402
@@ -41,6 +46,8 @@ CASES = {
         bench_mix.MIX,
         Case("modality_mix", {"B": 65536, "M": 4, "D": 128, "C": 25}, FWD_BWD),
     ),
+    # default settings (value checks on), as a user calls it; F = M D = 512
+    "cra_forward": (bench_cra.CRA, bench_cra._cra(2048, 4, 128, 256, checks=True)),
 }
 PROVIDERS = ("eager", "compile", "cpu", "cpu_off")
 

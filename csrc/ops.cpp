@@ -69,6 +69,10 @@ TORCH_LIBRARY(omnifuse_fast, m) {
       "soft_cross_entropy_backward_logits(Tensor grad, Tensor logits, Tensor soft_labels)"
       " -> Tensor");
 
+  // training forward (CPU kernel only): the loss and its gradient d loss / d logits for an
+  // upstream gradient of 1, from one read of the rows; the backward scales the second
+  m.def("soft_cross_entropy_grad(Tensor logits, Tensor soft_labels) -> (Tensor, Tensor)");
+
   // MIMO (SPEC section 6): one pass for the 2x2 Gram, one pass for the direction.
   m.def("mimo_gram(Tensor[] g0, Tensor[] gw) -> Tensor");
   m.def("mimo_direction(Tensor[] g0, Tensor[] gw, Tensor lam) -> Tensor[]");

@@ -86,6 +86,7 @@ CPU_ONLY_OPS: tuple[str, ...] = (
     "cra_forward_stash",
     "cra_backward_stash",
     "soft_cross_entropy_backward_logits",
+    "soft_cross_entropy_grad",
 )
 """Schemas with CPU kernels only: the autograd formulas call them for CPU tensors alone."""
 

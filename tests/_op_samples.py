@@ -83,6 +83,7 @@ def compiled_samples() -> list[Sample]:
         ("soft_cross_entropy_backward", (one, z2, t["q"])),
         ("soft_cross_entropy", (_randn(B, C, grad=True), t["q"].clone())),  # d logits only
         ("soft_cross_entropy_backward_logits", (one, z2, t["q"])),
+        ("soft_cross_entropy_grad", (_randn(B, C, grad=True), t["q"].clone())),
         ("mimo_gram", (g0, gw)),
         ("mimo_direction", (g0, gw, torch.tensor(0.25))),
     ]

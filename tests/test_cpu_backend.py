@@ -310,14 +310,18 @@ def test_modality_mix_gradcheck_fp64():
     torch.autograd.gradcheck(lambda v: of.modality_mix(v, y, src, 3, backend=CPU)[0], (v,))
 
 
+@pytest.mark.parametrize("soft_grad", [True, False], ids=["both", "logits-only"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b,c", [(1, 2), (300, 25), (9, 1000)], ids=str)
-def test_soft_cross_entropy(b, c, dtype):
+def test_soft_cross_entropy(b, c, dtype, soft_grad):
+    # logits-only: the CPU forward writes d logits as well (soft_cross_entropy_grad)
     z = _randn(b, c, dtype=dtype, scale=3.0, requires_grad=True)
-    q = torch.softmax(torch.randn(b, c, generator=_gen(6)), -1).to(dtype).requires_grad_(True)
+    q = torch.softmax(torch.randn(b, c, generator=_gen(6)), -1).to(dtype)
+    q.requires_grad_(soft_grad)
     (lc, leaves_c), (lr, leaves_r) = _both(of.soft_cross_entropy, [z, q])
     assert lc.dtype == dtype and lc.shape == ()
     assert_close(lc, lr, dtype)
+    leaves_c, leaves_r = ([t for t in ls if t.requires_grad] for ls in (leaves_c, leaves_r))
     for gc, gr in zip(_grads([lc], leaves_c), _grads([lr], leaves_r), strict=True):
         assert_close(gc, gr, dtype)
 
@@ -332,6 +336,25 @@ def test_soft_cross_entropy_extremes_and_gradcheck():
     z64 = _randn(5, 4, dtype=torch.float64, requires_grad=True)
     q64 = torch.softmax(_randn(5, 4, dtype=torch.float64, seed=3), -1).requires_grad_(True)
     torch.autograd.gradcheck(lambda z, q: of.soft_cross_entropy(z, q, backend=CPU), (z64, q64))
+    torch.autograd.gradcheck(lambda z: of.soft_cross_entropy(z, q64.detach(), backend=CPU), (z64,))
+
+
+def test_soft_cross_entropy_logits_only_upstream_and_retained():
+    """The forward's gradient (upstream 1) is handed over by the backward; any other upstream
+    gradient scales it, and a retained graph gives the same gradient twice."""
+    z = _randn(37, 25, scale=3.0, requires_grad=True)
+    q = torch.softmax(_randn(37, 25, seed=4), -1)
+    zr = z.detach().clone().requires_grad_(True)
+    want = torch.autograd.grad(of.soft_cross_entropy(zr, q, backend="reference"), zr)[0]
+    loss = of.soft_cross_entropy(z, q, backend=CPU)
+    first = torch.autograd.grad(loss, z, retain_graph=True)[0]
+    again = torch.autograd.grad(loss, z, retain_graph=True)[0]
+    scaled = torch.autograd.grad(loss * -2.5, z)[0]
+    assert_close(first, want)
+    assert torch.equal(again, first)
+    assert_close(scaled, -2.5 * want)
+    with torch.no_grad():  # no gradient wanted: the forward alone, same loss
+        assert_close(of.soft_cross_entropy(z, q, backend=CPU), loss.detach())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,6 +117,19 @@ CASES = [
         lambda: (z2(), at(torch.rand(B, C), 2, INF)),
         r"^soft_labels must be finite",
     ),
+    # logits that need a gradient: the CPU forward writes it as well (soft_cross_entropy_grad)
+    (
+        "sce-grad-nan",
+        of.soft_cross_entropy,
+        lambda: (at(z2(), 3, NAN).requires_grad_(), torch.rand(B, C)),
+        r"^logits must be finite",
+    ),
+    (
+        "sce-grad-soft-inf",
+        of.soft_cross_entropy,
+        lambda: (z2().requires_grad_(), at(torch.rand(B, C), 2, INF)),
+        r"^soft_labels must be finite",
+    ),
     (
         "mix-weights-neg",
         of.modality_mix,

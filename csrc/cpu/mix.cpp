@@ -332,6 +332,133 @@ OMNIFUSE_CPU_CLONES void soft_ce_logit_grad_rows(scalar_t* gz, const scalar_t* z
   }
 }
 
+// Loss and d logits in one read of the rows (Liger-style; the backward only scales the
+// gradient by the upstream one): per row the max (and the finiteness terms), then
+// e_c = exp(z_c - max) kept in the tile, sum(e), sum(q) and sum q_c (max - z_c) (every term
+// >= 0: no cancellation at large |z|), then the loss row sum q_c (max - z_c) + log(sum e) sum(q)
+// and d/dz_c = scale (e_c / sum(e) sum(q) - q_c). One exp per logit, one log per row. Returns
+// the rows' loss sum; flags as soft_ce_rows.
+template <typename scalar_t, typename acc_t>
+OMNIFUSE_CPU_CLONES acc_t soft_ce_rows_grad(scalar_t* gz, const scalar_t* z, const scalar_t* q,
+                                            int64_t C, acc_t* e, acc_t scale, int64_t b0,
+                                            int64_t b1, uint8_t* flags) {
+  acc_t acc = 0, nfz = 0, nfq = 0;
+  if (C <= kSmallC) {  // short rows: transposed tiles, passes across rows
+    acc_t t[kSmallC * kTile], u[kSmallC * kTile];
+    for (int64_t r0 = b0; r0 < b1; r0 += kTile) {
+      const int64_t nt = std::min(kTile, b1 - r0);
+      load_rows_tile(z, q, C, r0, nt, t, u);
+      acc_t m[kTile], f[kTile], fq[kTile], sm[kTile], sq[kTile], dq[kTile], k[kTile];
+      for (int64_t r = 0; r < kTile; ++r) {
+        m[r] = neg_inf<acc_t>(), f[r] = fq[r] = sm[r] = sq[r] = dq[r] = 0;
+      }
+      for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+        for (int64_t r = 0; r < kTile; ++r) {
+          const acc_t v = t[c * kTile + r];
+          m[r] = m[r] > v ? m[r] : v;
+          f[r] += nonfinite_term(v);
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+        for (int64_t r = 0; r < kTile; ++r) {
+          const acc_t v = t[c * kTile + r], qc = u[c * kTile + r];
+          const acc_t ev = vexp_neg(v - m[r]);
+          t[c * kTile + r] = ev;
+          sm[r] += ev;
+          sq[r] += qc;
+          dq[r] += qc * (m[r] - v);
+          fq[r] += nonfinite_term(qc);
+        }
+      }
+      acc_t row[kTile];
+#pragma omp simd
+      for (int64_t r = 0; r < kTile; ++r) {
+        row[r] = dq[r] + vlog(sm[r]) * sq[r];
+        k[r] = scale * sq[r] / sm[r];
+      }
+      for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+        for (int64_t r = 0; r < kTile; ++r) {
+          t[c * kTile + r] = k[r] * t[c * kTile + r] - scale * u[c * kTile + r];
+        }
+      }
+      for (int64_t r = 0; r < nt; ++r) {
+        scalar_t* gr = gz + (r0 + r) * C;
+        for (int64_t c = 0; c < C; ++c) gr[c] = static_cast<scalar_t>(t[c * kTile + r]);
+        acc += row[r];
+      }
+      for (int64_t r = 0; r < kTile; ++r) nfz += f[r], nfq += fq[r];
+    }
+  } else {
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* zr = z + b * C;
+      const scalar_t* qr = q + b * C;
+      acc_t m = neg_inf<acc_t>(), f = 0;
+#pragma omp simd reduction(max : m) reduction(+ : f)
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = static_cast<acc_t>(zr[c]);
+        m = m > v ? m : v;
+        f += nonfinite_term(v);
+      }
+      acc_t s = 0, sq = 0, dq = 0, fq = 0;
+#pragma omp simd reduction(+ : s, sq, dq, fq)
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = static_cast<acc_t>(zr[c]), qc = static_cast<acc_t>(qr[c]);
+        e[c] = vexp_neg(v - m);
+        s += e[c];
+        sq += qc;
+        dq += qc * (m - v);
+        fq += nonfinite_term(qc);
+      }
+      const acc_t k = scale * sq / s;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        gz[b * C + c] = static_cast<scalar_t>(k * e[c] - scale * static_cast<acc_t>(qr[c]));
+      }
+      acc += dq + vlog(s) * sq;
+      nfz += f;
+      nfq += fq;
+    }
+  }
+  flags[0] = !(nfz == acc_t(0));
+  flags[1] = !(nfq == acc_t(0));
+  return acc;
+}
+
+// The training forward: (loss, d loss / d logits) for an upstream gradient of 1, from one
+// read of logits and soft labels; the autograd formula scales the second by the upstream one.
+std::tuple<Tensor, Tensor> soft_cross_entropy_grad_cpu(const Tensor& logits_in,
+                                                       const Tensor& soft_in) {
+  const Tensor logits = logits_in.contiguous();
+  const Tensor soft = soft_in.contiguous();
+  const int64_t B = logits.size(0), C = logits.size(1);
+  const double scale = 1.0 / static_cast<double>(std::max<int64_t>(B, 1));
+  const int64_t nblk = num_blocks(B, kBlock);
+  std::vector<double> partial(nblk, 0.0);
+  std::vector<uint8_t> flags(2 * nblk, 0), bad_z(nblk, 0), bad_q(nblk, 0);
+  Tensor gz = empty_output_like(logits);
+  OMNIFUSE_DISPATCH_FLOATS(logits.scalar_type(), "soft_cross_entropy_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* z = logits.const_data_ptr<scalar_t>();
+    const scalar_t* q = soft.const_data_ptr<scalar_t>();
+    scalar_t* oz = gz.data_ptr<scalar_t>();
+    for_blocks(B, kBlock, [&](int64_t blk, int64_t b0, int64_t b1) {
+      std::vector<acc_t> e(C > kSmallC ? C : 0);
+      partial[blk] = static_cast<double>(soft_ce_rows_grad<scalar_t, acc_t>(
+          oz, z, q, C, e.data(), static_cast<acc_t>(scale), b0, b1, flags.data() + 2 * blk));
+    });
+  });
+  for (int64_t i = 0; i < nblk; ++i) bad_z[i] = flags[2 * i], bad_q[i] = flags[2 * i + 1];
+  check_finite_flags(bad_z, logits, "logits");
+  check_finite_flags(bad_q, soft, "soft_labels");
+  double total = 0.0;
+  for (double p : partial) total += p;  // blocks in order: deterministic
+  return {at::scalar_tensor(total / static_cast<double>(std::max<int64_t>(B, 1)), logits.options()),
+          gz};
+}
+
 Tensor soft_cross_entropy_backward_logits_cpu(const Tensor& grad, const Tensor& logits_in,
                                               const Tensor& soft_in) {
   const Tensor logits = logits_in.contiguous();
@@ -407,6 +534,7 @@ TORCH_LIBRARY_IMPL(omnifuse_fast, CPU, m) {
   m.impl("soft_cross_entropy", &soft_cross_entropy_cpu);
   m.impl("soft_cross_entropy_backward", &soft_cross_entropy_backward_cpu);
   m.impl("soft_cross_entropy_backward_logits", &soft_cross_entropy_backward_logits_cpu);
+  m.impl("soft_cross_entropy_grad", &soft_cross_entropy_grad_cpu);
 }
 
 }  // namespace cpu

@@ -39,11 +39,20 @@ def _soft_cross_entropy_backward_logits_fake(grad, logits, soft_labels):
     return torch.empty_like(logits)
 
 
+@torch.library.register_fake(qualname("soft_cross_entropy_grad"))
+def _soft_cross_entropy_grad_fake(logits, soft_labels):
+    torch._check(logits.shape == soft_labels.shape, lambda: "soft_labels must match logits")
+    return logits.new_empty(()), torch.empty_like(logits)
+
+
 # modality_mix: v_mix scatter-adds back into v; soft labels are linear in the weights
 def _mix_setup(ctx, inputs, output):
     v, labels, src, num_classes, weights = inputs
     ctx.save_for_backward(labels, src, weights)
     ctx.batch = v.shape[0]
+    # the soft labels rarely get a gradient (integer labels, weights without grad): autograd
+    # would zero-fill a [B, C] one on every backward
+    ctx.set_materialize_grads(False)
 
 
 def _mix_backward(ctx, grad_v_mix, grad_soft):
@@ -83,6 +92,41 @@ torch.library.register_autograd(
 )
 
 
+# soft_cross_entropy_grad (CPU training forward): the gradient for an upstream 1 comes with the
+# loss; the backward only scales it
+def _sce_grad_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled [B, C] gradient for the second output
+
+
+def _plain_eager(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a real tensor outside any tracing (dynamo, AOT, make_fx): only then may
+    the backward branch on its value."""
+    return (
+        type(t) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
+
+
+def _sce_grad_backward(ctx, grad, _grad_logits):
+    (grad_logits,) = ctx.saved_tensors
+    if grad is None or not ctx.needs_input_grad[0]:
+        return None, None
+    if _plain_eager(grad) and bool(grad == 1):
+        # the usual upstream 1 of a loss: hand over the forward's gradient, no pass over it
+        # (it shares the saved tensor's version counter: an in-place change before a second,
+        # retained backward raises autograd's usual error rather than giving a wrong result)
+        return grad_logits, None
+    return grad_logits * grad, None
+
+
+torch.library.register_autograd(
+    qualname("soft_cross_entropy_grad"), _sce_grad_backward, setup_context=_sce_grad_setup
+)
+
+
 def modality_mix(v, labels, src, num_classes, weights=None):
     """Mixed representations and soft labels (arguments validated by the public op)."""
     v_mix, soft = _ops.modality_mix(v, labels, src, num_classes, weights)
@@ -90,5 +134,17 @@ def modality_mix(v, labels, src, num_classes, weights=None):
 
 
 def soft_cross_entropy(logits, soft_labels):
-    """Mean cross-entropy against soft labels."""
+    """Mean cross-entropy against soft labels.
+
+    On CPU, when only the logits will need a gradient, the forward writes it as well (one read
+    of the rows for forward and backward); otherwise the forward alone.
+    """
+    if (
+        logits.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and logits.requires_grad
+        and not soft_labels.requires_grad
+    ):
+        loss, _ = _ops.soft_cross_entropy_grad(logits, soft_labels)
+        return loss
     return _ops.soft_cross_entropy(logits, soft_labels)
