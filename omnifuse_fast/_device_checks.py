@@ -120,11 +120,16 @@ def _checked_gram_fake(gram, op, counts, tensors):
     return torch.empty_like(gram)
 
 
+def _checked_gram_setup(ctx, inputs, output):
+    ctx.num_tensors = len(inputs[3])
+
+
 def _checked_gram_backward(ctx, grad):
-    return grad, None, None, None
+    # the Gram's gradient passes through; the gradients it was computed from get it elsewhere
+    return grad, None, None, [None] * ctx.num_tensors
 
 
-_checked_gram.register_autograd(_checked_gram_backward)
+_checked_gram.register_autograd(_checked_gram_backward, setup_context=_checked_gram_setup)
 
 
 def check_finite(op: str, slot: int, t: torch.Tensor, **args) -> None:
