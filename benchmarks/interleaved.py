@@ -1,7 +1,11 @@
 """Interleaved A/B timing of the issue-16 ops in one process (noisy shared machines).
 
 Each repetition runs one step of every provider in turn, so drifts in machine load hit all of
-them alike; the medians over many repetitions and their ratios are the figures to quote.
+them alike; the medians over many repetitions and their ratios are the figures to quote. The
+order rotates every repetition: a step runs faster when the step before it left its inputs in
+the (large) last-level cache, and with a fixed order modality_mix's ``cpu`` step, always after
+``compile``'s, ran 2-3x slower than the same kernel as ``cpu_off`` (benchmarks/NOTES.md,
+2026-12-02). Use a multiple of the number of providers for ``--reps``.
 
 Ops: the four bandwidth ops at B=65536, M=4, C=25, D=128 (fwd+bwd where there is a backward)
 and the CRA cascade fwd+bwd at B=2048, F=512, H=256, K=5 (relu, fp32; issue 16's CPU targets:
@@ -81,8 +85,10 @@ def main() -> None:
     for name in args.ops.split(","):
         st = steps(name)
         times = {p: [] for p in providers}
-        for _ in range(args.reps):
-            for p in providers:
+        for r in range(args.reps):
+            # rotate the order: a step's time depends on what the step before it left in the
+            # cache, so no provider may always follow the same one
+            for p in providers[r % len(providers) :] + providers[: r % len(providers)]:
                 step, checks = st[p]
                 omnifuse_fast.set_value_checks(checks)
                 t0 = time.perf_counter()
