@@ -17,8 +17,13 @@
 # 3. The same wheel in a fresh venv (filled in the background meanwhile): no build step.
 # 4. scripts/gpu_check.sh --dry-run lists the build, pytest -m gpu, sanitizer and bench steps.
 #
-# Timings (2-core machine shared with two experiment runs, 2026-12-02): see the end of the log
-# ("part 2 timings"); measured values are in .ci/run's header.
+# Timings, 2-core machine, 2026-12-02 (the log ends with "part 2 timings" and CPU times):
+#   measured while two nice -10 experiment runs and three other helpers' builds held the CPUs
+#   (load 9-13), commit 10aba42: step 0 307s, step 1 2964s (the CPU objects alone: 47 min; that
+#   commit's step 2 compiled them again, fixed since); the 2b test files took 7.5 min (100 s CPU).
+#   On a quiet machine, from CPU times (_C ~3 min and the sm_90 CUDA build ~7 min on 2 cores,
+#   issue 14): step 0 ~3 min, 1 ~4 min, 2 ~8 min (step 1's CPU objects reused), 2b ~2 min,
+#   3-4 ~1 min: ~18 min, which keeps .ci/run (part 1 ~24 min) near 42 min.
 # Environment: TORCH_NEW (default 2.14.1), CI_WORK (scratch dir; default a new /tmp dir),
 # CI_KEEP=1 (keep the scratch dir; it is ~12 GB: two torch venvs), MAX_JOBS (default 2),
 # CI_CUDA_HOME (the real toolkit; default /usr/local/cuda).
@@ -54,14 +59,14 @@ say() {
 unset OMNIFUSE_FAST_SKIP_CUDA OMNIFUSE_FAST_SKIP_EXT OMNIFUSE_FAST_CUDA_ARCHS TORCH_CUDA_ARCH_LIST \
   OMNIFUSE_FAST_FORCE_CUDA CUDA_HOME CUDA_PATH PYTHONPATH
 
-say "0. venvs with torch $TORCH_NEW; clone of $REV"
-# The fresh venv for step 3 fills in the background (mostly disk copying) while we compile.
-python3 -m venv "$W/fresh"
-"$W/fresh/bin/pip" install -q "torch==$TORCH_NEW" > "$W/fresh.log" 2>&1 &
-FRESH_PID=$!
+say "0. a venv with torch $TORCH_NEW; clone of $REV"
 python3 -m venv "$W/venv"
 B="$W/venv/bin"
 "$B/pip" install -q "torch==$TORCH_NEW"
+# The fresh venv for step 3 fills in the background (mostly disk I/O) while steps 1-2 compile.
+python3 -m venv "$W/fresh"
+"$W/fresh/bin/pip" install -q "torch==$TORCH_NEW" > "$W/fresh.log" 2>&1 &
+FRESH_PID=$!
 git clone -q "$REPO" "$W/clone"
 cd "$W/clone"
 git checkout -q --detach "$REV"
@@ -130,4 +135,5 @@ done
 
 say "done"
 echo "part 2 timings: ${TIMES[*]}"
-echo "part 2 passed in $((SECONDS - T0))s"
+echo "part 2 passed in $((SECONDS - T0))s; CPU time (user sys: this shell, then its children):"
+times
