@@ -392,7 +392,7 @@ def _extensions():
         cpp_extension.CppExtension(
             CPU_EXT,
             cpu_sources,
-            include_dirs=include,
+            include_dirs=list(include),  # a copy each: torch's Extension helpers append to it
             extra_compile_args={"cxx": cxx},
             extra_link_args=[] if debug else ["-fopenmp"],
         )
@@ -403,16 +403,18 @@ def _extensions():
         # (and on denormals not being flushed); the kernels are bandwidth-bound anyway.
         # configure_cuda adds the -gencode flags and header dirs once the toolkit is checked.
         nvcc = ["-O3", f"-std={std}", "-lineinfo", "-DNDEBUG"]
-        cuda_sources = [os.path.join("csrc", "cuda", "module.cpp")] + sorted(
-            glob.glob(os.path.join("csrc", "cuda", "*.cu"))
-        )
+        # the .cu files first: a broken nvcc then fails at once, before the slow host-only
+        # module.cpp (torch's CUDA headers) is compiled in vain
+        cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) + [
+            os.path.join("csrc", "cuda", "module.cpp")
+        ]
         try:
             use_cuda_home()  # before CUDAExtension, which reads the toolkit's include/lib dirs
             exts.append(
                 cpp_extension.CUDAExtension(
                     CUDA_EXT,
                     cuda_sources,
-                    include_dirs=include,
+                    include_dirs=list(include),
                     extra_compile_args={"cxx": [f"-std={std}", "-O3"], "nvcc": nvcc},
                 )
             )

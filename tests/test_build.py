@@ -145,6 +145,30 @@ def test_missing_library_headers_come_from_pip_nvidia_packages(tmp_path):
     assert setup_py.library_header_dirs(str(home), str(site)) == []  # the toolkit's come first
 
 
+def test_cpu_extension_compiles_without_the_cuda_include_dirs(monkeypatch):
+    """_C gets no CUDA toolkit flags: its objects do not depend on CUDA_HOME, and a CUDA build
+    reuses them (torch's Extension helpers append to the include list they are given)."""
+    from torch.utils import cpp_extension
+
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    if not Path(home, "bin", "nvcc").exists():
+        pytest.skip("needs a CUDA toolkit (nvcc) to make the CUDA extension")
+    monkeypatch.setenv("CUDA_HOME", home)  # restored after: use_cuda_home sets both
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)
+    monkeypatch.setenv("OMNIFUSE_FAST_FORCE_CUDA", "1")
+    for name in ("OMNIFUSE_FAST_SKIP_CUDA", "OMNIFUSE_FAST_SKIP_EXT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(ROOT)
+    exts = {e.name: e for e in setup_py._extensions()[0]}
+    assert set(exts) == {setup_py.CPU_EXT, setup_py.CUDA_EXT}
+    cpu_dirs, cuda_dirs = exts[setup_py.CPU_EXT].include_dirs, exts[setup_py.CUDA_EXT].include_dirs
+    assert not [d for d in cpu_dirs if d.startswith(home)], cpu_dirs
+    assert len(cpu_dirs) == len(set(cpu_dirs)), cpu_dirs
+    assert any(d.startswith(home) for d in cuda_dirs), cuda_dirs
+    # a broken nvcc fails on the first .cu before module.cpp's slow host compile
+    assert exts[setup_py.CUDA_EXT].sources[-1].endswith("module.cpp")
+
+
 # ------------------------------------------------------- a failing CUDA build is not fatal
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 def test_failing_cuda_compile_leaves_the_cpu_extension(tmp_path, monkeypatch, capfd):
