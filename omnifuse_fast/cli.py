@@ -122,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="mm: standard epochs before MM learning (default: half)",
     )
     m.add_argument(
+        "--mm-top-fraction",
+        type=_number(float, 0.0, 1.0),
+        help="mm: stage 2 mixes this top fraction of the training rows by p(true class) "
+        "(default 0.5)",
+    )
+    m.add_argument(
+        "--mm-tau",
+        type=_number(float, 0.0, 1.0),
+        help="mm: mix the rows with p(true class) >= TAU instead (the top fraction when "
+        "fewer than 2 qualify); default: off, since training p(true) saturates near 1",
+    )
+    m.add_argument(
         "--mimo-mode",
         choices=("mimo", "mgda"),
         help="mimo: two-objective closed form, or the (M+1)-objective MGDA baseline",

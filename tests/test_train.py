@@ -78,7 +78,9 @@ def test_every_method_trains_and_writes_outputs(tmp_path, method):
     assert (tmp_path / "training_curve.png").stat().st_size > 1000
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 3
     if method == "mm":
-        assert trainer.pool is not None and len(trainer.pool) >= 2
+        # the default pool is the top half by p(true class): it selects (issue 18)
+        assert trainer.pool is not None
+        assert len(trainer.pool) == round(0.5 * len(trainer.splits["train"]))
         assert "mix" in trainer.history[-1]["terms"]
     if method == "mimo":
         assert result["mimo_subroutine_seconds"] > 0

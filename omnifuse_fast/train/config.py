@@ -56,7 +56,9 @@ class TrainConfig:
     tla_mode: str = "observed"
     # MM learning (method "mm")
     mm_stage1_epochs: int | None = None  # None: half the epochs, fixed when the run starts
-    mm_tau: float | None = 0.9
+    # None: the pool is the top mm_top_fraction by p(true class). A threshold such as 0.9 kept
+    # 97% of the rows on the built-in data (training p(true) saturates), so it selected nothing.
+    mm_tau: float | None = None
     mm_top_fraction: float = 0.5
     mm_mu: float = 0.5
     # MIMO (method "mimo")
