@@ -151,8 +151,8 @@ def test_bad_value_under_torch_compile(backend, case):
 def test_one_call_makes_no_host_sync(backend):
     """Forward and backward of each index-reading op, checks off, under sync debug "error".
 
-    (With the Python value checks on, ops/*.py still reads the data on the host; once the
-    GPU backends leave the checks to the kernels, this holds for the default settings too.)
+    (The default settings, checks on, are covered by test_device_checks_gpu_default.py: the
+    GPU backends leave the checks to the kernels, so they make no host sync either.)
     """
     _skip_unavailable(backend)
     g = torch.Generator("cuda").manual_seed(1)
