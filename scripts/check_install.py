@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if no_cuda:
             return _fail(f"ops without a CUDA kernel: {no_cuda} ({_ext.CUDA_LOAD_ERROR})")
-        print(f"{len(ops)} ops, every one with a CPU and a CUDA kernel")
+        print(
+            f"{len(ops)} ops, every one with a CPU kernel and all but the CPU-only "
+            f"{len(_ext.CPU_ONLY_OPS)} ({', '.join(_ext.CPU_ONLY_OPS)}) with a CUDA kernel"
+        )
         if args.ptx and (problem := check_ptx(args.ptx)):
             return _fail(problem)
     else:
