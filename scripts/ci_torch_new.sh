@@ -18,12 +18,9 @@
 # 4. scripts/gpu_check.sh --dry-run lists the build, pytest -m gpu, sanitizer and bench steps.
 #
 # Timings, 2-core machine, 2026-12-02 (the log ends with "part 2 timings" and CPU times):
-#   measured while two nice -10 experiment runs and three other helpers' builds held the CPUs
-#   (load 3-13), commit 10aba42, PASSED end to end in 6366s: step 0 307s, 1 2964s, 2 2940s (that
-#   commit's step 2 compiled the CPU objects again, fixed since), 2b 112s, 3 43s, 4 0s.
-#   On a quiet machine, from CPU times (_C ~3 min and the sm_90 CUDA build ~7 min on 2 cores,
-#   issue 14): step 0 ~3 min, 1 ~4 min, 2 ~8 min (step 1's CPU objects reused), 2b ~2 min,
-#   3-4 ~1 min: ~18 min, which keeps .ci/run (part 1 ~24 min) near 42 min.
+#   quiet machine, commit 3e873fd, PASSED end to end in 892 s: step 0 101 s, 1 311 s, 2 319 s
+#   (the sm_90 CUDA wheel; step 1's CPU objects reused), 2b 118 s, 3 43 s, 4 0 s. With part 1
+#   (~24 min) .ci/run takes ~39 min. Under load (3-13) an earlier commit took 6366 s.
 # Environment: TORCH_NEW (default 2.14.1), CI_WORK (scratch dir; default a new /tmp dir),
 # CI_KEEP=1 (keep the scratch dir; it is ~12 GB: two torch venvs), MAX_JOBS (default 2),
 # CI_CUDA_HOME (the real toolkit; default /usr/local/cuda).
