@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from _harness import device_name  # this script's folder is on sys.path
 
 SETTINGS = {  # name -> the extra train flags
     "reference": ["--backend", "reference"],
@@ -99,17 +99,6 @@ def measure(short: int, long: int, repeats: int, extra: list[str]) -> dict:
     }
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--short", type=int, default=3, help="epochs of the short run")
@@ -128,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats=args.repeats,
         extra=args.extra,
         torch=torch.__version__,
-        cpu=_cpu_name(),
+        cpu=device_name(torch.device("cpu")),
         cpus=os.cpu_count(),
         date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )

@@ -87,6 +87,19 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def spawn_two_ranks(worker, out_dir) -> dict[int, dict]:
+    """Run ``worker(rank, 2, port, out_dir)`` in two spawned processes; each pickles its
+    results to ``out_dir/rank{rank}.pkl``, returned here as ``{rank: results}``."""
+    mp.start_processes(
+        worker, args=(2, _free_port(), str(out_dir)), nprocs=2, join=True, start_method="spawn"
+    )
+    results = {}
+    for rank in range(2):
+        with open(out_dir / f"rank{rank}.pkl", "rb") as f:
+            results[rank] = pickle.load(f)
+    return results
+
+
 RESUME = dict(method="omnifuse", batch_size=24, epochs=3)
 
 
@@ -94,15 +107,7 @@ RESUME = dict(method="omnifuse", batch_size=24, epochs=3)
 def two_ranks(tmp_path_factory) -> dict[int, dict]:
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    out_dir = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(
-        _worker, args=(2, _free_port(), str(out_dir)), nprocs=2, join=True, start_method="spawn"
-    )
-    results = {}
-    for rank in range(2):
-        with open(out_dir / f"rank{rank}.pkl", "rb") as f:
-            results[rank] = pickle.load(f)
-    return results
+    return spawn_two_ranks(_worker, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.parametrize("name", [name for name, _ in JOBS] + ["resumed"])

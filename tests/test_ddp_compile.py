@@ -13,8 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_ddp import _free_port, _run
+from test_ddp import _run, spawn_two_ranks
 
 from omnifuse_fast.train.distributed import DistContext
 
@@ -43,15 +42,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def two_compiled_ranks(tmp_path_factory) -> dict[int, dict]:
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    out_dir = tmp_path_factory.mktemp("ddp_compile")
-    mp.start_processes(
-        _worker, args=(2, _free_port(), str(out_dir)), nprocs=2, join=True, start_method="spawn"
-    )
-    results = {}
-    for rank in range(2):
-        with open(out_dir / f"rank{rank}.pkl", "rb") as f:
-            results[rank] = pickle.load(f)
-    return results
+    return spawn_two_ranks(_worker, tmp_path_factory.mktemp("ddp_compile"))
 
 
 def test_two_compiled_ranks_train_like_one_eager_process(two_compiled_ranks):
