@@ -106,6 +106,21 @@ def compiled_opaque(fn, backend: str):
     return call
 
 
+def compile_as_aot_eager(seen: list | None = None):
+    """A stand-in for ``torch.compile`` with the ``aot_eager`` backend: dynamo's trace and AOT
+    autograd without inductor's C++ code generation (minutes on a small CPU). Inductor's
+    ``options`` are dropped; ``seen`` collects the compiled functions."""
+    real_compile = torch.compile
+
+    def compile_(fn, **kw):
+        kw.pop("options", None)
+        if seen is not None:
+            seen.append(fn)
+        return real_compile(fn, **{**kw, "backend": "aot_eager"})
+
+    return compile_
+
+
 def tiny_omnifuse(view_dims, num_classes: int, dim: int, backend: str, **kw) -> of.OmniFuse:
     """A tiny OmniFuse initialized from seed 0 (hidden 5, two blocks, encoder 6, head 5;
     ``kw``: other constructor arguments) whose miner goes live early (``lazy = 3``)."""

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
+from _harness import compile_as_aot_eager
 from test_ddp import _run, spawn_two_ranks
 
 from omnifuse_fast.train.distributed import DistContext
@@ -22,8 +23,7 @@ JOB = dict(method="omnifuse", epochs=2, batch_size=24)  # 24, 24, 16: a ragged l
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     warnings.simplefilter("ignore", FutureWarning)
-    real_compile = torch.compile
-    torch.compile = lambda fn, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"})
+    torch.compile = compile_as_aot_eager()
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )

@@ -8,9 +8,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from _harness import one_thread
+from _harness import compile_as_aot_eager, one_thread
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 from omnifuse_fast.data import MultiViewSplit
+from omnifuse_fast.nn import supervision_drop
 from omnifuse_fast.train import (
     CheckpointError,
     TrainConfig,
@@ -21,6 +24,7 @@ from omnifuse_fast.train import (
     select_strong,
 )
 from omnifuse_fast.train import checkpoint as ckpt_mod
+from omnifuse_fast.train.metrics import column_auroc
 
 DIMS = [6, 5, 4]
 SMALL = dict(dim=4, hidden=8, num_blocks=2, encoder_hidden=8, head_hidden=8, batch_size=16)
@@ -126,6 +130,24 @@ def test_resume_is_bit_exact(tmp_path, method, extra, k, n):
     assert straight.model.miner.lazy == resumed.model.miner.lazy
 
 
+def test_the_steps_drop_is_the_models_supervision_drop():
+    """The trainer draws the drop eagerly and applies it in the (compilable) step: the same
+    random stream and mask as ``supervision_drop``, and no draw without an imputer."""
+    trainer = Trainer(_config(), None, synthetic_splits())
+    batch = torch.arange(40)
+    observed = trainer.splits["train"].observed[batch]
+    torch.manual_seed(3)
+    got = trainer._present(batch, trainer._draw(batch), slice(8, 24))
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    want = supervision_drop(observed, trainer.model.imputer.drop_rate)[8:24]
+    assert torch.equal(got, want) and not torch.equal(got, observed[8:24])
+    assert torch.equal(torch.rand(1), after)  # one draw, the same size
+    concat = Trainer(_config(method="concat"), None, synthetic_splits())
+    assert concat._draw(batch) is None
+    assert torch.equal(concat._present(batch, None, slice(0, 40)), observed)
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(_minimal_state(epoch=1), path)
@@ -140,6 +162,59 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1  # the old checkpoint is whole
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]  # no temporary file left
+
+
+def test_checkpoint_write_failing_after_the_bytes_leaves_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(_minimal_state(epoch=1), path)
+
+    def broken_fsync(fd):
+        raise OSError("I/O error")
+
+    monkeypatch.setattr(ckpt_mod.os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="I/O error"):
+        save_checkpoint(_minimal_state(epoch=2), path)
+    writer = ckpt_mod.CheckpointWriter()  # in the background: raised by the next wait
+    writer.submit(_minimal_state(epoch=3), path)
+    with pytest.raises(OSError, match="I/O error"):
+        writer.wait()
+    writer.wait()  # reported once
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
+
+
+def test_checkpoint_writer_snapshots_at_submit(tmp_path):
+    """The bytes are taken at submit: training may change the tensors while the write runs."""
+    path = tmp_path / "checkpoint.pt"
+    state = _minimal_state(epoch=1)
+    writer = ckpt_mod.CheckpointWriter()
+    writer.submit(state, path)
+    state["model"]["w"].add_(5.0)
+    writer.wait()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+
+
+def test_flipped_tensor_bytes_fail_the_crc_and_old_digests_still_verify(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    state = _minimal_state(epoch=1)
+    state["model"]["w"] = torch.arange(64, dtype=torch.float32)
+    save_checkpoint(state, path)
+    data = bytearray(path.read_bytes())
+    at = bytes(data).find(torch.arange(64, dtype=torch.float32).numpy().tobytes())
+    assert at > 0
+    data[at + 17] ^= 0x10  # a bit of the tensor's data: torch.load alone would not notice
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="CRC-32") as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value)
+    # a checkpoint of an earlier version carries a content digest instead: still checked
+    old = {**state, ckpt_mod.DIGEST: ckpt_mod.state_digest(state)}
+    torch.save(old, path)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], state["model"]["w"])
+    torch.save({**old, "epoch": 2}, path)  # content changed, digest not
+    with pytest.raises(CheckpointError, match="digest"):
+        load_checkpoint(path)
 
 
 def _minimal_state(epoch: int) -> dict:
@@ -196,6 +271,42 @@ def test_macro_auroc_matches_sklearn_and_handles_missing_classes():
     assert macro_auroc(proba, y3) == pytest.approx(want3)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    n=hs.integers(2, 60),
+    k=hs.integers(1, 5),
+    levels=hs.integers(1, 6),
+    seed=hs.integers(0, 2**31 - 1),
+)
+def test_column_auroc_equals_sklearn_with_ties(n, k, levels, seed):
+    """The rank formula is sklearn's ROC AUC, ties (few score levels) included."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, levels, (n, k)) / levels  # few levels: many ties
+    positive = rng.random((n, k)) < 0.5
+    positive[0], positive[1] = True, False  # every column has both values
+    got = column_auroc(positive, scores)
+    want = [roc_auc_score(positive[:, c], scores[:, c]) for c in range(k)]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_macro_auroc_multilabel_and_bad_values():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    proba = rng.random((30, 4))
+    y = (rng.random((30, 4)) < 0.4).astype(np.float32)
+    y[:, 2] = 1.0  # one value only: left out of the mean
+    want = np.mean([roc_auc_score(y[:, c] > 0.5, proba[:, c]) for c in (0, 1, 3)])
+    assert macro_auroc(proba, y) == pytest.approx(want, abs=1e-12)
+    assert np.isnan(macro_auroc(proba, np.ones((30, 4))))
+    assert np.isnan(macro_auroc(proba[:, :2], np.zeros(30, dtype=np.int64)))
+    proba[3, 1] = np.nan
+    with pytest.raises(ValueError, match="proba"):
+        macro_auroc(proba, y)
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="method"):
         TrainConfig(method="late")
@@ -241,13 +352,7 @@ def test_compile_trains_like_eager_and_resumes_bit_exact(tmp_path, monkeypatch):
     backward through AOT autograd). The backend here is ``aot_eager``: dynamo's trace and AOT
     autograd, without inductor's C++ code generation (minutes on a small CPU)."""
     compiled_fns = []
-    real_compile = torch.compile
-
-    def compile_(fn, **kw):
-        compiled_fns.append(fn)
-        return real_compile(fn, backend="aot_eager", **kw)
-
-    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(torch, "compile", compile_as_aot_eager(compiled_fns))
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
 

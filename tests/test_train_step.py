@@ -17,7 +17,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _harness import one_thread
+from _harness import compile_as_aot_eager, one_thread
 from test_train import _config, synthetic_splits
 
 from omnifuse_fast import OmniFuseClassifier, _dispatch
@@ -43,10 +43,7 @@ def _one_thread():
 @pytest.fixture
 def aot_eager(monkeypatch):
     """``torch.compile`` (as the trainer calls it) with the ``aot_eager`` backend."""
-    real_compile = torch.compile
-    monkeypatch.setattr(
-        torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"})
-    )
+    monkeypatch.setattr(torch, "compile", compile_as_aot_eager())
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -77,8 +74,13 @@ def test_bf16_trains_every_method_within_the_documented_tolerance_of_fp32(method
 
 def test_bf16_runs_the_step_in_bf16_and_evaluates_in_fp32():
     trainer = Trainer(_config(precision="bf16"), None, synthetic_splits())
+    seen = []  # the dtype every Linear of the model computes in, during the step
+    for module in trainer.model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     terms = trainer.train_step(torch.arange(16))
-    assert {v.dtype for v in terms.values()} == {torch.bfloat16}
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(v.dtype == torch.float64 and torch.isfinite(v) for v in terms.values())
     assert trainer.predict_proba(trainer.splits["val"]).dtype == torch.float32
 
 
@@ -166,6 +168,10 @@ def test_result_reports_steady_state_throughput():
     steps, samples = trainer.loop_times[1][:2]
     assert (steps, samples) == (4, 64)  # 64 training samples, batch 16
     assert result["ms_per_step"] > 0 and result["samples_per_s"] > 0
+    # a whole epoch: its loop and more (validation, the checkpoint's hand-off)
+    assert len(trainer.epoch_times) == 3
+    loops = [t for *_, t in trainer.loop_times[1:]]
+    assert result["epoch_s"] >= sum(loops) / len(loops)  # the median of two: their mean
     # samples/s and ms/step describe the same epochs: samples per step is 16 here
     per_step = result["samples_per_s"] * result["ms_per_step"] / 1e3
     assert per_step == pytest.approx(16, rel=0.5)
@@ -181,3 +187,6 @@ def test_steady_state_leaves_out_the_first_epoch_and_takes_the_median():
         "samples_per_s": None,
         "steady_epochs": 0,
     }
+    whole = steady_state(times, [101.0, 0.2, 2.5, 0.3, 0.2])  # whole epochs: the same rule
+    assert whole["epoch_s"] == 0.25 and whole["ms_per_step"] == 10.0
+    assert steady_state(times[:1], [101.0])["epoch_s"] is None

@@ -21,6 +21,7 @@ from omnifuse_fast.data.corruption import Corruption, corrupt_splits
 from omnifuse_fast.experiments.models import BranchTracker, LateFusion
 from omnifuse_fast.train import TrainConfig, Trainer
 from omnifuse_fast.train.metrics import accuracy, macro_auroc
+from omnifuse_fast.train.trainer import make_optimizer
 
 # --quick: a tiny model and large batches, enough to exercise every code path in a second a run.
 QUICK_MODEL = {
@@ -379,12 +380,7 @@ def make_trainer(
     trainer = Trainer(config, None, splits=splits)
     if model_factory is not None:
         trainer.model = model_factory(trainer).to(trainer.device)
-        trainer.optimizer = torch.optim.AdamW(
-            trainer.model.parameters(),
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            foreach=True,
-        )
+        trainer.optimizer = make_optimizer(trainer.model, config)
     return trainer
 
 

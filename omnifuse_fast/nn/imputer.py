@@ -55,6 +55,13 @@ def supervision_drop(
     if rate <= 0.0:
         return observed.clone()
     draw = torch.rand(observed.shape, generator=generator, device=observed.device)
+    return drop_with(observed, draw, rate)
+
+
+def drop_with(observed: torch.Tensor, draw: torch.Tensor, rate: float) -> torch.Tensor:
+    """:func:`supervision_drop` given its uniform ``draw`` (shaped like ``observed``): the
+    deterministic part, which a compiled step can trace while the draw stays eager (the same
+    random stream as the eager step, so resume stays bit-exact)."""
     present = observed & (draw >= rate)
     empty = ~present.any(dim=1)
     # Branch-free (no host sync, one graph under torch.compile): rows that kept something are

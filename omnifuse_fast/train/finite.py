@@ -68,7 +68,18 @@ class FiniteMonitor:
     ) -> None:
         """Record step ``step`` (0-based) of epoch ``epoch + 1``; check when ``every`` are due."""
         values = torch.stack([v.detach().double().reshape(()) for v in terms.values()])
-        self._pending.append((epoch, step, list(terms), values))
+        self.add_values(list(terms), values, epoch, step, checkpoint)
+
+    def add_values(
+        self,
+        names: list[str],
+        values: torch.Tensor,
+        epoch: int,
+        step: int,
+        checkpoint: Path | None,
+    ) -> None:
+        """:meth:`add` for terms already stacked: ``values [T]`` (fp64) named by ``names``."""
+        self._pending.append((epoch, step, names, values))
         if len(self._pending) >= self.every:
             self.flush(checkpoint, updated=False)
 

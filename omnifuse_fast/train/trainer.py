@@ -1,7 +1,9 @@
 """``Trainer``: mini-batch training of OmniFuse and the baselines, with bit-exact resume.
 
 One epoch: a seeded shuffle, AdamW steps on the objective of the method, the TLA miner fed
-every training batch and mined at the epoch's end, a validation pass, an atomic checkpoint.
+every training batch and mined at the epoch's end, a validation pass, an atomic checkpoint
+(written on a background thread while the next epoch trains; :meth:`Trainer.fit` returns
+once it is on disk).
 Everything random (the shuffle generator, the mixer's generator, the global torch / numpy /
 python states that drive the imputer's supervision drop) is in the checkpoint, so training
 N epochs straight and training k, stopping and resuming to N give the same bits on CPU.
@@ -28,6 +30,7 @@ which holds the compilation and warm-up.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import random
@@ -44,15 +47,15 @@ import torch
 from omnifuse_fast import _dispatch
 from omnifuse_fast.nn import MIMOBalancer, ModalityMixer, OmniFuse
 from omnifuse_fast.nn.dwfuse import joint_cross_entropy
-from omnifuse_fast.nn.imputer import supervision_drop
+from omnifuse_fast.nn.imputer import drop_with
 from omnifuse_fast.ops import soft_cross_entropy
 from omnifuse_fast.train.checkpoint import (
     CHECKPOINT,
     FORMAT,
+    CheckpointWriter,
     load_checkpoint,
     remove_stale_temporaries,
     rng_state,
-    save_checkpoint,
     set_rng_state,
 )
 from omnifuse_fast.train.config import TrainConfig
@@ -72,32 +75,64 @@ from omnifuse_fast.train.finite import (
 from omnifuse_fast.train.metrics import accuracy, macro_auroc, write_metrics
 from omnifuse_fast.train.schedule import select_strong
 
-__all__ = ["NonFiniteLossError", "Trainer", "build_model", "load_data", "steady_state"]
+__all__ = [
+    "NonFiniteLossError",
+    "Trainer",
+    "build_model",
+    "load_data",
+    "make_optimizer",
+    "steady_state",
+]
 
 EVAL_BATCH = 1024
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}  # TrainConfig.precision -> autocast dtype
 
 
-def steady_state(epochs: list[tuple[int, int, float]]) -> dict[str, float | int | None]:
-    """Steady-state throughput from ``(steps, samples, seconds)`` per epoch of training loop.
+def steady_state(
+    epochs: list[tuple[int, int, float]], epoch_seconds: list[float] | None = None
+) -> dict[str, float | int | None]:
+    """Steady-state throughput from ``(steps, samples, seconds)`` per epoch of training loop,
+    and (``epoch_seconds``) the steady-state time of a whole epoch.
 
     The first epoch a process runs is left out: it holds ``torch.compile``'s compilation
     (and the recompile of the last partial batch), first-call allocations and lazy
     initialization. Over the other epochs the median of each epoch's own rate is taken, so
     that a later one-off cost (MM learning's stage 2 compiling its mixing step) does not
-    count either. Fewer than two epochs: no steady state (``None``).
+    count either. Fewer than two epochs: no steady state (``None``). A whole epoch
+    (``epoch_s``) is its training loop, the TLA mining, validation and the checkpoint's
+    hand-off: the median over the same epochs.
 
     Returns:
-        ``{"ms_per_step", "samples_per_s", "steady_epochs"}``.
+        ``{"ms_per_step", "samples_per_s", "steady_epochs"}``, and ``"epoch_s"`` when
+        ``epoch_seconds`` is given.
     """
     steady = [(n, b, t) for n, b, t in epochs[1:] if n > 0 and t > 0]
+    whole = {}
+    if epoch_seconds is not None:
+        later = epoch_seconds[1:]
+        whole = {"epoch_s": round(statistics.median(later), 4) if later else None}
     if not steady:
-        return {"ms_per_step": None, "samples_per_s": None, "steady_epochs": 0}
+        return {"ms_per_step": None, "samples_per_s": None, "steady_epochs": 0, **whole}
     return {
         "ms_per_step": round(statistics.median(1e3 * t / n for n, _, t in steady), 4),
         "samples_per_s": round(statistics.median(b / t for _, b, t in steady), 2),
         "steady_epochs": len(steady),
+        **whole,
     }
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``model``'s parameters with the config's settings.
+
+    The fused implementation (one kernel per step on CPU and CUDA) where torch has one for
+    the parameters: on the main job's 60 small tensors it steps in 1.0 ms on the 2-core CPU
+    against 3.1 ms for ``foreach`` (benchmarks/NOTES.md). Elsewhere (other devices,
+    non-float parameters), ``foreach``.
+    """
+    params = list(model.parameters())
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    choice = {"fused": True} if fused and params else {"foreach": True}
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **choice)
 
 
 class _ShardStep(torch.nn.Module):
@@ -196,9 +231,7 @@ class Trainer:
         multilabel = train.labels.dim() == 2  # float [N, C] indicators
         self.model = build_model(config, self.view_dims, self.num_classes, multilabel)
         self.model = self.model.to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True
-        )
+        self.optimizer = make_optimizer(self.model, config)
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.mixer = ModalityMixer(len(self.view_dims), self.num_classes, seed=config.seed + 1)
         self.mixer.backend = config.backend
@@ -208,9 +241,10 @@ class Trainer:
             kind = DistributedMIMOBalancer if self.dist.enabled else MIMOBalancer
             self.balancer = kind(shared, heads, fusion, config.mimo_mode, config.backend)
         self.finite = FiniteMonitor(config.check_every)
+        self._writer = CheckpointWriter()
         self._autocast = AUTOCAST[config.precision]
         # the step's forward and losses, compiled when asked (graph breaks fall back to eager)
-        self._loss_fn = torch.compile(self._losses) if config.compile else self._losses
+        self._loss_fn = self._compile(self._losses) if config.compile else self._losses
         self.ddp: torch.nn.Module | None = None
         if self.dist.enabled:
             self.ddp = self._wrap_ddp()
@@ -224,9 +258,21 @@ class Trainer:
         self.backends_train: dict[str, set[str]] = {}
         # (steps, global samples, seconds) of each epoch's training loop in this process
         self.loop_times: list[tuple[int, int, float]] = []
+        self.epoch_times: list[float] = []  # each whole epoch in this process (fit's)
         self._bar: Any = None
 
     # ------------------------------------------------------------------ setup
+    def _compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``torch.compile`` of the step's forward and losses, inductor with static shapes: one
+        graph specialized to the batch size, one to the last partial batch (automatic dynamic
+        shapes would trace a slower symbolic graph at that recompile and run it for every
+        later step). On CPU the graph's kernels are called from generated C++ instead of
+        Python (``cpp_wrapper``): the main job's step is 10% faster (benchmarks/NOTES.md),
+        for a longer first compile (cached on disk for later runs)."""
+        if self.device.type == "cpu":
+            return torch.compile(fn, dynamic=False, options={"cpp_wrapper": True})
+        return torch.compile(fn, dynamic=False)
+
     def _wrap_ddp(self) -> torch.nn.Module:
         """DistributedDataParallel over the step (the ranks start from rank 0's weights)."""
         from torch.nn.parallel import DistributedDataParallel
@@ -321,12 +367,24 @@ class Trainer:
     def _checkpoint_path(self) -> Path | None:
         return None if self.out_dir is None else self.out_dir / CHECKPOINT
 
-    def save(self) -> Path | None:
-        """Write the checkpoint atomically (nothing without ``out_dir``, or off rank 0)."""
+    def save(self, wait: bool = True) -> Path | None:
+        """Write the checkpoint atomically (nothing without ``out_dir``, or off rank 0).
+
+        ``wait=False`` (each epoch's checkpoint in :meth:`fit`) returns once the state is
+        serialized and leaves the write to a background thread, overlapping the next epoch;
+        :meth:`wait_saved` waits for it (``fit`` does before it returns or raises).
+        """
         path = self._checkpoint_path()
         if path is None or not self.dist.is_main:
             return None
-        return save_checkpoint(self.state_dict(), path)
+        self._writer.submit(self.state_dict(), path)
+        if wait:
+            self._writer.wait()
+        return path
+
+    def wait_saved(self) -> None:
+        """Block until the last checkpoint is on disk; raise its write's error, if any."""
+        self._writer.wait()
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -391,15 +449,15 @@ class Trainer:
         stage2 = cfg.method == "mm" and self.pool is not None
         # drawn on the CPU generator (resume), moved once: the steps index on the device
         order = torch.randperm(len(train), generator=self.shuffle).to(self.device)
-        sums: dict[str, torch.Tensor] = {}
+        names: list[str] = []
+        sums: torch.Tensor | None = None  # fp64, the logged terms summed over the steps
         batches = 0
         _dispatch.reset_backend_usage()  # what runs in these steps (not in validation)
         self._sync()
         start_time = time.perf_counter()
         for step, start in enumerate(range(0, len(train), cfg.batch_size)):
-            terms = self.train_step(order[start : start + cfg.batch_size], stage2, step)
-            for k, v in terms.items():  # on the device: no sync per term
-                sums[k] = sums[k] + v if k in sums else v.double()
+            names, values = self._train_step(order[start : start + cfg.batch_size], stage2, step)
+            sums = values if sums is None else sums + values  # on the device: no sync
             batches += 1
         if self.check_finite:  # before the epoch's checkpoint
             self.finite.flush(self._checkpoint_path())
@@ -407,7 +465,9 @@ class Trainer:
         self.loop_times.append((batches, len(train), time.perf_counter() - start_time))
         for family, used in _dispatch.backend_usage().items():
             self.backends_train.setdefault(family, set()).update(used.split("+"))
-        return {k: float(v) / max(batches, 1) for k, v in sums.items()}
+        if sums is None:
+            return {}
+        return dict(zip(names, (sums / max(batches, 1)).tolist()))
 
     def _sync(self) -> None:
         """Wait for the device (CUDA): the loop's timing brackets its work, not its launches."""
@@ -418,17 +478,25 @@ class Trainer:
         self, batch: torch.Tensor, stage2: bool = False, step: int = 0
     ) -> dict[str, torch.Tensor]:
         """One optimizer step on the global batch ``batch`` (indices into the training split):
-        forward and losses, the finiteness check when due, backward, AdamW, the TLA miner's
-        update. ``stage2``: MM learning's mixing step; ``step``: the position in the epoch
-        (for error messages). Returns the logged loss terms, on the device (no host sync).
+        forward and losses with the TLA miner's update (one compiled region under
+        ``compile=True``), the finiteness check when due, backward, AdamW. ``stage2``: MM
+        learning's mixing step; ``step``: the position in the epoch (for error messages).
+        Returns the logged loss terms (fp64), on the device (no host sync).
 
         Raises:
             NonFiniteLossError: a loss term is NaN or infinite (checked before the update
                 when ``check_every`` is 1), or an op refused non-finite values.
         """
-        model = self.model
+        names, values = self._train_step(batch, stage2, step)
+        return dict(zip(names, values.unbind()))
+
+    def _train_step(
+        self, batch: torch.Tensor, stage2: bool, step: int
+    ) -> tuple[list[str], torch.Tensor]:
+        """:meth:`train_step`, returning the logged terms' names and their fp64 values as one
+        vector (the epoch sums it with one add per step)."""
         try:
-            terms, out, observed, labels, real = self._step(batch, stage2, step)
+            names, values = self._step(batch, stage2, step)
         except NonFiniteInputError as exc:  # e.g. an op refusing inf embeddings
             if not self.check_finite:
                 raise
@@ -436,66 +504,91 @@ class Trainer:
                 self.finite.flush(self._checkpoint_path())
             except NonFiniteLossError as err:
                 raise err from exc
-            raise diagnose(model, exc, self.epoch, step, self._checkpoint_path()) from exc
+            raise diagnose(self.model, exc, self.epoch, step, self._checkpoint_path()) from exc
         self.optimizer.step()
-        if model.use_tla and real:
-            model.tla_observe(out, observed, labels)
-        return terms
+        return names, values
 
-    def _draw_present(self, observed: torch.Tensor) -> torch.Tensor:
-        """The imputer's supervision drop for a whole global batch (the global RNG, as the
-        model would draw it), so that every rank can take its slice; a model without an
-        imputer is fed what was observed."""
+    def _drop_rate(self) -> float:
+        """The imputer's supervision drop rate; 0 for a model without an imputer (it is fed
+        what was observed)."""
         imputer = getattr(self.model, "imputer", None)
         if imputer is None or not (imputer.use_forward or imputer.use_backward):
-            return observed
-        return supervision_drop(observed, imputer.drop_rate)
+            return 0.0
+        return float(imputer.drop_rate)
 
-    def _step(self, batch: torch.Tensor, stage2: bool, step: int):
-        """One global batch: this rank's forward, the finiteness check, backward (no optimizer
-        step). One process is world size 1: its shard is the whole batch.
+    def _draw(self, batch: torch.Tensor) -> torch.Tensor | None:
+        """The supervision drop's uniform draw for a whole global batch (the global RNG, as
+        :func:`~omnifuse_fast.nn.imputer.supervision_drop` draws it), so that every rank can
+        take its slice; None when nothing is dropped (no draw)."""
+        if self._drop_rate() <= 0.0:
+            return None
+        shape = (len(batch), len(self.view_dims))
+        return torch.rand(shape, device=self.device)
 
-        Returns ``(logged terms, detached model output, observed, labels, real)``: what the
-        TLA miner observes (nothing from a stand-in shard, ``real`` False).
+    def _present(self, batch: torch.Tensor, draw: torch.Tensor | None, rows: slice):
+        """This rank's rows of the global batch's ``present`` (the drop applied to ``draw``)."""
+        observed = self.splits["train"].observed[batch]
+        if draw is not None:
+            observed = drop_with(observed, draw, self._drop_rate())
+        return observed[rows]
+
+    def _step(self, batch: torch.Tensor, stage2: bool, step: int) -> tuple[list[str], torch.Tensor]:
+        """One global batch: this rank's forward (with the TLA miner's update), the finiteness
+        check, backward (no optimizer step). One process is world size 1: its shard is the
+        whole batch.
+
+        Returns the logged terms' names and their fp64 values ``[T]`` (detached).
         """
-        train = self.splits["train"]
         local, rows = self.dist.shard(batch)
         real = len(local) > 0
         if not real:  # fewer samples than ranks: a zero-weight stand-in keeps DDP in step
             local, rows = batch[:1], slice(0, 1)
-        present = self._draw_present(train.observed[batch.to(self.device)])[rows]
-        views, observed, labels = self._batch(train, local.to(self.device))
+        draw = self._draw(batch)
         pick = self._mix_pick(len(batch)) if stage2 else None
         self.optimizer.zero_grad(set_to_none=True)
-        args = (views, observed, labels, present, real, pick, rows)
+        args = (local.to(self.device), batch.to(self.device), draw, real, pick, rows)
         # MIMO writes .grad itself (from all-reduced gradients): not through DDP's hooks
         losses = self.ddp if self.ddp is not None and self.balancer is None else self._loss_fn
-        loss, per_modality, logged, checked, out = losses(*args)
+        loss, per_modality, names, values, logged = losses(*args)
         if self.check_finite:  # no sync until check_every steps are due
-            self.finite.add(checked, self.epoch, step, self._checkpoint_path())
+            self.finite.add_values(names, values, self.epoch, step, self._checkpoint_path())
+        names, values = names[:logged], values[:logged]
         if self.balancer is not None:
             world = self.dist.world_size  # each rank's share sums to the global loss
             mimo = self.balancer.backward(loss / world, [m / world for m in per_modality])
-            logged["mimo_lambda"] = mimo.weights[0].to(self.device)
-            logged["objective"] = logged.pop("objective")
+            lam = mimo.weights[0].to(self.device, torch.float64).reshape(1)
+            # the objective stays last
+            names = [*names[:-1], "mimo_lambda", names[-1]]
+            values = torch.cat([values[:-1], lam, values[-1:]])
         else:
             loss.backward()
-        return logged, out, observed, labels, real
+        return names, values
 
-    def _losses(self, views, observed, labels, present, real, pick, rows):
-        """The step's loss on this rank, what it logs and checks, and the model's output.
+    def _losses(self, idx, batch, draw, real, pick, rows):
+        """The step's loss on this rank, what it logs and checks; the TLA miner's update.
 
-        Returns ``(loss, MIMO's per-modality losses or None, logged terms (detached),
-        terms to check for finiteness, detached model output)``. With several ranks each
-        term is reweighted to this rank's share of the global batch
-        (:func:`~omnifuse_fast.train.distributed.rank_share`) and logged with its global value.
-        Under ``precision="bf16"`` all of it runs in ``torch.autocast`` (inside the compiled
-        region when compiled; the backward then follows the forward's dtypes).
+        ``idx``: this rank's rows of the training split; ``batch``: the global batch's, with
+        ``draw`` the supervision drop's draw for it (None: no drop). Returns ``(loss, MIMO's
+        per-modality losses or None, names of the terms to check, their fp64 values [T]
+        (detached), how many of them (the first) are logged)``: one vector, so that the
+        finiteness check and the epoch's sums cost one op each. With several ranks each term
+        is reweighted to this rank's share of the global batch
+        (:func:`~omnifuse_fast.train.distributed.rank_share`) and logged with its global
+        value. Under ``precision="bf16"`` the forward and losses run in ``torch.autocast``
+        (inside the compiled region when compiled; the backward then follows the forward's
+        dtypes).
         """
+        views, observed, labels = self._batch(self.splits["train"], idx)
+        present = self._present(batch, draw, rows)
         if self._autocast is None:
-            return self._losses_body(views, observed, labels, present, real, pick, rows)
-        with torch.autocast(self.device.type, dtype=self._autocast):
-            return self._losses_body(views, observed, labels, present, real, pick, rows)
+            result, out = self._losses_body(views, observed, labels, present, real, pick, rows)
+        else:
+            with torch.autocast(self.device.type, dtype=self._autocast):
+                result, out = self._losses_body(views, observed, labels, present, real, pick, rows)
+        if self.model.use_tla and real:  # the miner reads this batch's (detached) output
+            with torch.no_grad():
+                self.model.tla_observe(out, observed, labels)
+        return result
 
     def _losses_body(self, views, observed, labels, present, real, pick, rows):
         cfg, model = self.config, self.model
@@ -522,10 +615,11 @@ class Trainer:
         logged["objective"] = objective
         per_modality = [terms[k] for k in modalities] or None
         checked = {**logged, **{k: values[k] for k in modalities}}
+        stacked = torch.stack([v.detach().double().reshape(()) for v in checked.values()])
         detached = out._replace(
             **{f: v.detach() for f, v in zip(out._fields, out) if torch.is_tensor(v)}, losses={}
         )
-        return loss, per_modality, logged, checked, detached
+        return (loss, per_modality, list(checked), stacked, len(logged)), detached
 
     def fit(self) -> dict[str, Any]:
         """Train from the current epoch to ``config.epochs``; test; write the outputs."""
@@ -539,17 +633,23 @@ class Trainer:
         self._bar = bar
         try:
             for _ in epochs:
-                self._one_epoch(bar)
+                # each epoch's checkpoint is written while the next one trains
+                self._one_epoch(bar, wait_save=False)
                 if self._patience_ran_out():
                     self._say(f"early stop: no val AUROC gain in {cfg.patience} epochs")
                     break
+        except BaseException:
+            with contextlib.suppress(Exception):  # the error in flight is the one to report
+                self.wait_saved()
+            raise
         finally:
             self._bar = None
             if bar is not None:
                 bar.close()
+        self.wait_saved()  # the last epoch's checkpoint is on disk when fit ends
         return self.finish()
 
-    def _one_epoch(self, bar: Any) -> None:
+    def _one_epoch(self, bar: Any, wait_save: bool = True) -> None:
         cfg = self.config
         start = time.perf_counter()
         if cfg.method == "mm" and self.pool is None and self.epoch >= cfg.mm_stage1_epochs:
@@ -576,7 +676,8 @@ class Trainer:
                 "val_accuracy": val["accuracy"],
                 "model": copy.deepcopy(self.model.state_dict()),
             }
-        self.save()
+        self.save(wait=wait_save)
+        self.epoch_times.append(time.perf_counter() - start)
         line = (
             f"epoch {self.epoch}/{cfg.epochs} loss {record['train_loss']:.4f} "
             f"val acc {val['accuracy']:.4f} auroc {val['auroc']:.4f}"
@@ -635,7 +736,7 @@ class Trainer:
             "precision": cfg.precision,
             "compile": cfg.compile,
             # steady-state training-loop throughput of this process (see steady_state)
-            **steady_state(self.loop_times),
+            **steady_state(self.loop_times, self.epoch_times),
         }
         if self.balancer is not None:
             result["mimo_subroutine_seconds"] = round(self.balancer.subroutine_seconds, 6)
