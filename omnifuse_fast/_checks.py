@@ -67,6 +67,20 @@ class NonFiniteInputError(ValueError):
     """
 
 
+# The words of every non-finite refusal: these checks' messages and the C++ kernels'
+# (csrc/cpu/common.h, check_finite_flags), word for word.
+NONFINITE_WORDS = "must be finite; it holds NaN or inf"
+
+
+def refuses_nonfinite(exc: BaseException) -> bool:
+    """Whether ``exc`` is an op refusing NaN/inf input: :class:`NonFiniteInputError`, or the
+    plain ``ValueError`` the C++ kernels raise (a ``RuntimeError`` once a compiled graph's C++
+    wrapper has passed it on) with the same words."""
+    if isinstance(exc, NonFiniteInputError):
+        return True
+    return isinstance(exc, (ValueError, RuntimeError)) and NONFINITE_WORDS in str(exc)
+
+
 def set_value_checks(enabled: bool) -> None:
     """Turn the Python value checks (label/index ranges, finiteness) on or off for every op.
 
@@ -197,7 +211,7 @@ def _on(force: bool) -> bool:
 def finite(name: str, t: torch.Tensor, *, force: bool = False) -> None:
     """Value check: no NaN or inf in ``t``."""
     if _on(force) and t.numel() and not bool(torch.isfinite(t).all()):
-        raise NonFiniteInputError(f"{name} must be finite; it holds NaN or inf ({_describe(t)})")
+        raise NonFiniteInputError(f"{name} {NONFINITE_WORDS} ({_describe(t)})")
 
 
 def finite_list(name: str, tensors: Sequence[torch.Tensor], *, force: bool = False) -> None:
@@ -206,7 +220,7 @@ def finite_list(name: str, tensors: Sequence[torch.Tensor], *, force: bool = Fal
         ok = torch.stack([torch.isfinite(t).all() for t in tensors])
         if not bool(ok.all()):
             i = int((~ok).nonzero()[0, 0])
-            raise NonFiniteInputError(f"{name}[{i}] must be finite; it holds NaN or inf")
+            raise NonFiniteInputError(f"{name}[{i}] {NONFINITE_WORDS}")
 
 
 def cra_width(x: torch.Tensor, w1: torch.Tensor) -> None:

@@ -284,6 +284,25 @@ def test_a_diverging_run_stops_with_a_named_step(tmp_path):
         trainer.fit()
 
 
+@pytest.mark.parametrize(
+    "backend", ["reference", pytest.param("cpu", marks=pytest.mark.backend("cpu"))]
+)
+def test_an_op_refusing_overflowed_logits_names_the_step(backend):
+    """Finite weights whose logits overflow: the loss op refuses them (the reference's Python
+    check, or the C++ kernel's own, a plain ValueError), and the trainer names the step."""
+    torch.set_num_threads(1)
+    trainer = Trainer(TrainConfig(**_config(epochs=1, backend=backend)), None, synthetic_splits())
+    _, heads, _ = trainer.model.parameter_groups()
+    with torch.no_grad():
+        for p in (p for head in heads for p in head):
+            p.fill_(1e37)  # finite, but two layers of them overflow fp32
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.train_epoch()
+    msg = str(err.value)
+    assert msg.startswith("non-finite values at epoch 1, step 1: the forward pass overflowed")
+    assert "must be finite; it holds NaN or inf" in msg  # what the op said, quoted
+
+
 def test_cli_reports_a_non_finite_loss_in_one_line(tmp_path):
     proc = subprocess.run(
         [

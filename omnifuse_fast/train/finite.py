@@ -2,8 +2,9 @@
 
 The trainer checks the loss terms of eq. 18 before every update, or every N steps with no host
 sync in between (:class:`FiniteMonitor`), and turns an op's refusal of non-finite input
-mid-training (:class:`NonFiniteInputError`, e.g. inf embeddings after a blow-up) into the same
-error, with a diagnosis (:func:`diagnose`).
+mid-training (:class:`NonFiniteInputError`, or a C++ kernel's ``ValueError`` in the same words:
+:func:`omnifuse_fast._checks.refuses_nonfinite`; e.g. inf embeddings after a blow-up) into the
+same error, with a diagnosis (:func:`diagnose`).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def _loss_error(
 
 
 def diagnose(
-    model: nn.Module, exc: NonFiniteInputError, epoch: int, step: int, checkpoint: Path | None
+    model: nn.Module, exc: Exception, epoch: int, step: int, checkpoint: Path | None
 ) -> NonFiniteLossError:
     """The error for an op that refused non-finite input mid-training (the data were checked
     when they were loaded, so the model went wrong): blown-up weights, or an overflow."""

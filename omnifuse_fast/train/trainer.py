@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from omnifuse_fast import _dispatch
+from omnifuse_fast._checks import refuses_nonfinite
 from omnifuse_fast.nn import MIMOBalancer, ModalityMixer, OmniFuse
 from omnifuse_fast.nn.dwfuse import joint_cross_entropy
 from omnifuse_fast.nn.imputer import drop_with
@@ -68,7 +69,6 @@ from omnifuse_fast.train.distributed import (
 )
 from omnifuse_fast.train.finite import (
     FiniteMonitor,
-    NonFiniteInputError,
     NonFiniteLossError,
     diagnose,
 )
@@ -497,8 +497,8 @@ class Trainer:
         vector (the epoch sums it with one add per step)."""
         try:
             names, values = self._step(batch, stage2, step)
-        except NonFiniteInputError as exc:  # e.g. an op refusing inf embeddings
-            if not self.check_finite:
+        except (ValueError, RuntimeError) as exc:  # e.g. an op refusing inf embeddings
+            if not (self.check_finite and refuses_nonfinite(exc)):
                 raise
             try:  # a bad loss in an unchecked earlier step explains it best
                 self.finite.flush(self._checkpoint_path())
