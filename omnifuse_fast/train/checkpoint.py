@@ -181,31 +181,26 @@ def state_digest(state: Any) -> str:
     """SHA-256 over a checkpoint's content: every tensor's dtype, shape and bytes, every
     plain value's type and repr, in order (what a load gives back hashes the same)."""
     h = hashlib.sha256()
-    small = bytearray()  # the short tags and reprs, hashed in runs: one update per tensor
-    _digest(state, h, small)
-    h.update(small)
+    _digest(state, h)
     return h.hexdigest()
 
 
-def _digest(obj: Any, h: Any, small: bytearray) -> None:
+def _digest(obj: Any, h: Any) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous().reshape(-1)
-        small += f"T{t.dtype}{tuple(obj.shape)}".encode()
-        if t.numel():  # the tensor's own bytes: no copy
-            h.update(small)
-            small.clear()
-            h.update(memoryview(t.view(torch.uint8).numpy()))
+        h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     elif isinstance(obj, dict):
-        small += f"D{len(obj)}".encode()
+        h.update(f"D{len(obj)}".encode())
         for k, v in obj.items():
-            _digest(k, h, small)
-            _digest(v, h, small)
+            _digest(k, h)
+            _digest(v, h)
     elif isinstance(obj, (list, tuple)):
-        small += f"L{len(obj)}".encode()
+        h.update(f"L{len(obj)}".encode())
         for v in obj:
-            _digest(v, h, small)
+            _digest(v, h)
     else:
-        small += f"{type(obj).__name__}:{obj!r};".encode()
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
 
 
 def rng_state() -> dict[str, Any]:

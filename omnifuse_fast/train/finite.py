@@ -65,13 +65,6 @@ class FiniteMonitor:
         self._pending: list[tuple[int, int, list[str], torch.Tensor]] = []
 
     def add(
-        self, terms: dict[str, torch.Tensor], epoch: int, step: int, checkpoint: Path | None
-    ) -> None:
-        """Record step ``step`` (0-based) of epoch ``epoch + 1``; check when ``every`` are due."""
-        values = torch.stack([v.detach().double().reshape(()) for v in terms.values()])
-        self.add_values(list(terms), values, epoch, step, checkpoint)
-
-    def add_values(
         self,
         names: list[str],
         values: torch.Tensor,
@@ -79,7 +72,8 @@ class FiniteMonitor:
         step: int,
         checkpoint: Path | None,
     ) -> None:
-        """:meth:`add` for terms already stacked: ``values [T]`` (fp64) named by ``names``."""
+        """Record step ``step`` (0-based) of epoch ``epoch + 1``: its terms' fp64 ``values [T]``,
+        named by ``names``; check when ``every`` are due."""
         self._pending.append((epoch, step, names, values))
         if len(self._pending) >= self.every:
             self.flush(checkpoint, updated=False)

@@ -551,7 +551,7 @@ class Trainer:
         losses = self.ddp if self.ddp is not None and self.balancer is None else self._loss_fn
         loss, per_modality, names, values, logged = losses(*args)
         if self.check_finite:  # no sync until check_every steps are due
-            self.finite.add_values(names, values, self.epoch, step, self._checkpoint_path())
+            self.finite.add(names, values, self.epoch, step, self._checkpoint_path())
         names, values = names[:logged], values[:logged]
         if self.balancer is not None:
             world = self.dist.world_size  # each rank's share sums to the global loss
