@@ -174,6 +174,23 @@ OMNIFUSE_INLINE void load_rows_tile(const scalar_t* z, const scalar_t* q, int64_
   }
 }
 
+// d logits of a tile: t holds e_c = exp(z_c - max), k[r] = scale sum(q) / sum(e), so
+// d/dz_c = k e_c - scale q_c; the tile's nt real rows are written out row-major.
+template <typename scalar_t, typename acc_t>
+OMNIFUSE_INLINE void store_tile_grad(acc_t* t, const acc_t* u, const acc_t* k, acc_t scale,
+                                     int64_t C, int64_t r0, int64_t nt, scalar_t* gz) {
+  for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+    for (int64_t r = 0; r < kTile; ++r) {
+      t[c * kTile + r] = k[r] * t[c * kTile + r] - scale * u[c * kTile + r];
+    }
+  }
+  for (int64_t r = 0; r < nt; ++r) {
+    scalar_t* gr = gz + (r0 + r) * C;
+    for (int64_t c = 0; c < C; ++c) gr[c] = static_cast<scalar_t>(t[c * kTile + r]);
+  }
+}
+
 // sum over rows of sum_c q_c (-log_softmax_c), term by term. flags: [0] a non-finite logit,
 // [1] a non-finite soft label (value checks, raised by the caller).
 template <typename scalar_t, typename acc_t>
@@ -295,16 +312,7 @@ OMNIFUSE_CPU_CLONES void soft_ce_logit_grad_rows(scalar_t* gz, const scalar_t* z
       }
 #pragma omp simd
       for (int64_t r = 0; r < kTile; ++r) k[r] = scale * sq[r] / sm[r];
-      for (int64_t c = 0; c < C; ++c) {
-#pragma omp simd
-        for (int64_t r = 0; r < kTile; ++r) {
-          t[c * kTile + r] = k[r] * t[c * kTile + r] - scale * u[c * kTile + r];
-        }
-      }
-      for (int64_t r = 0; r < nt; ++r) {
-        scalar_t* gr = gz + (r0 + r) * C;
-        for (int64_t c = 0; c < C; ++c) gr[c] = static_cast<scalar_t>(t[c * kTile + r]);
-      }
+      store_tile_grad(t, u, k, scale, C, r0, nt, gz);
     }
     return;
   }
@@ -378,17 +386,8 @@ OMNIFUSE_CPU_CLONES acc_t soft_ce_rows_grad(scalar_t* gz, const scalar_t* z, con
         row[r] = dq[r] + vlog(sm[r]) * sq[r];
         k[r] = scale * sq[r] / sm[r];
       }
-      for (int64_t c = 0; c < C; ++c) {
-#pragma omp simd
-        for (int64_t r = 0; r < kTile; ++r) {
-          t[c * kTile + r] = k[r] * t[c * kTile + r] - scale * u[c * kTile + r];
-        }
-      }
-      for (int64_t r = 0; r < nt; ++r) {
-        scalar_t* gr = gz + (r0 + r) * C;
-        for (int64_t c = 0; c < C; ++c) gr[c] = static_cast<scalar_t>(t[c * kTile + r]);
-        acc += row[r];
-      }
+      store_tile_grad(t, u, k, scale, C, r0, nt, gz);
+      for (int64_t r = 0; r < nt; ++r) acc += row[r];
       for (int64_t r = 0; r < kTile; ++r) nfz += f[r], nfq += fq[r];
     }
   } else {
@@ -427,6 +426,22 @@ OMNIFUSE_CPU_CLONES acc_t soft_ce_rows_grad(scalar_t* gz, const scalar_t* z, con
   return acc;
 }
 
+// The soft CE forwards' epilogue: raise for a block that flagged a non-finite logit or soft
+// label, then the mean of the blocks' loss sums, added in block order (deterministic); an
+// empty batch is a real 0.
+Tensor soft_ce_mean(const std::vector<double>& partial, const std::vector<uint8_t>& flags,
+                    const Tensor& logits, const Tensor& soft) {
+  const size_t nblk = partial.size();
+  std::vector<uint8_t> bad_z(nblk), bad_q(nblk);
+  for (size_t i = 0; i < nblk; ++i) bad_z[i] = flags[2 * i], bad_q[i] = flags[2 * i + 1];
+  check_finite_flags(bad_z, logits, "logits");
+  check_finite_flags(bad_q, soft, "soft_labels");
+  double total = 0.0;
+  for (double p : partial) total += p;
+  const int64_t B = logits.size(0);
+  return at::scalar_tensor(total / static_cast<double>(std::max<int64_t>(B, 1)), logits.options());
+}
+
 // The training forward: (loss, d loss / d logits) for an upstream gradient of 1, from one
 // read of logits and soft labels; the autograd formula scales the second by the upstream one.
 std::tuple<Tensor, Tensor> soft_cross_entropy_grad_cpu(const Tensor& logits_in,
@@ -437,7 +452,7 @@ std::tuple<Tensor, Tensor> soft_cross_entropy_grad_cpu(const Tensor& logits_in,
   const double scale = 1.0 / static_cast<double>(std::max<int64_t>(B, 1));
   const int64_t nblk = num_blocks(B, kBlock);
   std::vector<double> partial(nblk, 0.0);
-  std::vector<uint8_t> flags(2 * nblk, 0), bad_z(nblk, 0), bad_q(nblk, 0);
+  std::vector<uint8_t> flags(2 * nblk, 0);
   Tensor gz = empty_output_like(logits);
   OMNIFUSE_DISPATCH_FLOATS(logits.scalar_type(), "soft_cross_entropy_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -450,13 +465,7 @@ std::tuple<Tensor, Tensor> soft_cross_entropy_grad_cpu(const Tensor& logits_in,
           oz, z, q, C, e.data(), static_cast<acc_t>(scale), b0, b1, flags.data() + 2 * blk));
     });
   });
-  for (int64_t i = 0; i < nblk; ++i) bad_z[i] = flags[2 * i], bad_q[i] = flags[2 * i + 1];
-  check_finite_flags(bad_z, logits, "logits");
-  check_finite_flags(bad_q, soft, "soft_labels");
-  double total = 0.0;
-  for (double p : partial) total += p;  // blocks in order: deterministic
-  return {at::scalar_tensor(total / static_cast<double>(std::max<int64_t>(B, 1)), logits.options()),
-          gz};
+  return {soft_ce_mean(partial, flags, logits, soft), gz};
 }
 
 Tensor soft_cross_entropy_backward_logits_cpu(const Tensor& grad, const Tensor& logits_in,
@@ -485,7 +494,7 @@ Tensor soft_cross_entropy_cpu(const Tensor& logits_in, const Tensor& soft_in) {
   const int64_t B = logits.size(0), C = logits.size(1);
   const int64_t nblk = num_blocks(B, kBlock);
   std::vector<double> partial(nblk, 0.0);
-  std::vector<uint8_t> flags(2 * nblk, 0), bad_z(nblk, 0), bad_q(nblk, 0);
+  std::vector<uint8_t> flags(2 * nblk, 0);
   OMNIFUSE_DISPATCH_FLOATS(logits.scalar_type(), "soft_cross_entropy", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
@@ -495,13 +504,7 @@ Tensor soft_cross_entropy_cpu(const Tensor& logits_in, const Tensor& soft_in) {
           soft_ce_rows<scalar_t, acc_t>(z, q, C, b0, b1, flags.data() + 2 * blk));
     });
   });
-  for (int64_t i = 0; i < nblk; ++i) bad_z[i] = flags[2 * i], bad_q[i] = flags[2 * i + 1];
-  check_finite_flags(bad_z, logits, "logits");
-  check_finite_flags(bad_q, soft, "soft_labels");
-  double total = 0.0;
-  for (double p : partial) total += p;  // blocks in order: deterministic
-  // sum / max(B, 1): an empty batch is a real 0
-  return at::scalar_tensor(total / static_cast<double>(std::max<int64_t>(B, 1)), logits.options());
+  return soft_ce_mean(partial, flags, logits, soft);
 }
 
 std::tuple<Tensor, Tensor> soft_cross_entropy_backward_cpu(const Tensor& grad,
