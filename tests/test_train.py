@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -128,6 +129,50 @@ def test_resume_is_bit_exact(tmp_path, method, extra, k, n):
             assert torch.equal(t, opt_b["state"][i][name]), (i, name)
     assert [h["val_auroc"] for h in straight.history] == [h["val_auroc"] for h in resumed.history]
     assert straight.model.miner.lazy == resumed.model.miner.lazy
+
+
+def test_checkpoints_pack_the_optimizer_state_and_plain_ones_still_resume(tmp_path):
+    """A checkpoint (format 2) holds AdamW's per-parameter state as a few flat tensors, which
+    unpack to exactly the optimizer's own state_dict; a format-1 checkpoint, with that plain
+    state_dict, resumes to the same parameters."""
+    data = synthetic_splits()
+    first = Trainer(_config(epochs=1), tmp_path / "new", data)
+    first.fit()
+    state = load_checkpoint(tmp_path / "new" / "checkpoint.pt")
+    assert state["format"] == ckpt_mod.FORMAT == 2
+    packed = state["optimizer"]
+    assert "state" not in packed
+    assert set(packed[ckpt_mod.PACKED]["flat"]) == {"step", "exp_avg", "exp_avg_sq"}
+    plain = first.optimizer.state_dict()
+    unpacked = ckpt_mod.unpack_optimizer_state(packed)
+    assert unpacked["param_groups"] == plain["param_groups"]
+    assert list(unpacked["state"]) == list(plain["state"])
+    for i, entry in plain["state"].items():
+        for k, v in entry.items():
+            got = unpacked["state"][i][k]
+            assert got.shape == v.shape and got.dtype == v.dtype and torch.equal(got, v), (i, k)
+    save_checkpoint({**state, "format": 1, "optimizer": plain}, tmp_path / "old" / "checkpoint.pt")
+    a, b = ({}, {})
+    for params, run in ((a, "new"), (b, "old")):  # one at a time: the RNG states are global
+        resumed = Trainer.resume(tmp_path / run, epochs=2, splits=data)
+        resumed.fit()
+        params.update(_params(resumed))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_an_optimizer_state_that_cannot_be_packed_is_kept_as_it_is():
+    mixed = {
+        "state": {0: {"m": torch.zeros(2)}, 1: {"m": torch.zeros(2, dtype=torch.float64)}},
+        "param_groups": [],
+    }
+    assert ckpt_mod.pack_optimizer_state(mixed) is mixed
+    assert ckpt_mod.unpack_optimizer_state(mixed) is mixed
+    packed = ckpt_mod.pack_optimizer_state({**mixed, "state": {0: mixed["state"][0]}})
+    packed[ckpt_mod.PACKED]["flat"]["m"] = torch.zeros(3)  # not what the shapes say
+    with pytest.raises(CheckpointError, match="does not match its shapes"):
+        ckpt_mod.unpack_optimizer_state(packed)
 
 
 def test_the_steps_drop_is_the_models_supervision_drop():
@@ -345,6 +390,38 @@ def test_result_reports_the_backend_that_ran_per_family(tmp_path):
         # the C++ cascade now trains too (its fwd+bwd beats eager: benchmarks/NOTES.md); a
         # measured exception would show here as ("reference", "cpu"), see test_dispatch
         assert (with_grad, without) == ("cpu", "cpu")
+
+
+def test_compiled_loop_skips_guards_only_after_each_sizes_first_step(monkeypatch):
+    """Within one epoch's loop, each batch size's first compiled step checks every dynamo
+    guard and its later steps only the differentiating ones; train_step outside the loop
+    checks every guard. A change to the model between epochs (DWFuse's beta, a constant of
+    the graph) is therefore still caught: the compiled run follows the eager one."""
+    import omnifuse_fast.train.trainer as trainer_mod
+
+    monkeypatch.setattr(torch, "compile", compile_as_aot_eager())
+    torch._dynamo.reset()
+    skipped: list[int] = []
+    real_skip = trainer_mod._SKIP_GUARDS
+
+    def recording_skip():
+        skipped.append(1)
+        return real_skip() if real_skip is not None else contextlib.nullcontext()
+
+    monkeypatch.setattr(trainer_mod, "_SKIP_GUARDS", recording_skip)
+    data = synthetic_splits()
+    args = dict(epochs=2, batch_size=24)  # per epoch: 24, 24, 16
+    runs = {}
+    for compile_ in (False, True):
+        trainer = Trainer(_config(compile=compile_, **args), None, data)
+        trainer.train_epoch()
+        trainer.model.dwfuse.beta = 2.0
+        trainer.train_epoch()
+        trainer.train_step(torch.arange(24))
+        runs[compile_] = trainer
+    assert len(skipped) == 2  # one step per epoch: the second of size 24
+    for k, v in _params(runs[False]).items():
+        torch.testing.assert_close(_params(runs[True])[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_compile_trains_like_eager_and_resumes_bit_exact(tmp_path, monkeypatch):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import random
 import statistics
@@ -55,9 +56,11 @@ from omnifuse_fast.train.checkpoint import (
     FORMAT,
     CheckpointWriter,
     load_checkpoint,
+    pack_optimizer_state,
     remove_stale_temporaries,
     rng_state,
     set_rng_state,
+    unpack_optimizer_state,
 )
 from omnifuse_fast.train.config import TrainConfig
 from omnifuse_fast.train.distributed import (
@@ -119,6 +122,20 @@ def steady_state(
         "steady_epochs": len(steady),
         **whole,
     }
+
+
+def _skip_guard_stance() -> Callable[[], Any] | None:
+    """``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` as a factory of context
+    managers, or None where this torch has no such stance."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        return None
+    if "skip_guard_eval_unsafe" not in inspect.signature(set_stance).parameters:
+        return None
+    return functools.partial(set_stance, skip_guard_eval_unsafe=True)
+
+
+_SKIP_GUARDS = _skip_guard_stance()
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -260,6 +277,9 @@ class Trainer:
         self.loop_times: list[tuple[int, int, float]] = []
         self.epoch_times: list[float] = []  # each whole epoch in this process (fit's)
         self._bar: Any = None
+        # batch sizes whose compiled step has passed all of dynamo's guards in this epoch's
+        # loop; None outside the loop (every guard is checked): see _guards
+        self._checked_sizes: set[int] | None = None
 
     # ------------------------------------------------------------------ setup
     def _compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -272,6 +292,26 @@ class Trainer:
         if self.device.type == "cpu":
             return torch.compile(fn, dynamic=False, options={"cpp_wrapper": True})
         return torch.compile(fn, dynamic=False)
+
+    def _guards(self, batch_size: int) -> contextlib.AbstractContextManager[Any]:
+        """How much of dynamo's guard check the compiled step runs for this batch size.
+
+        The full check (~0.4 ms a step on the main job's 2,000-node guard tree, measured in
+        benchmarks/NOTES.md) runs for each batch size's first step of an epoch's loop: a
+        change to the model or trainer since the last epoch recompiles there as usual. Later
+        steps of the same size in the same loop check only the guards that tell the cached
+        graphs apart (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``). That is
+        safe here because between two steps of one loop only the loop itself runs, and it
+        changes tensor values (the update, the miner's sums, the random states), never what
+        a graph was specialized on.
+        """
+        checked = self._checked_sizes
+        if not self.config.compile or checked is None or _SKIP_GUARDS is None:
+            return contextlib.nullcontext()
+        if batch_size not in checked:
+            checked.add(batch_size)
+            return contextlib.nullcontext()
+        return _SKIP_GUARDS()
 
     def _wrap_ddp(self) -> torch.nn.Module:
         """DistributedDataParallel over the step (the ranks start from rank 0's weights)."""
@@ -341,7 +381,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "epoch": self.epoch,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": pack_optimizer_state(self.optimizer.state_dict()),
             "mixer": self.mixer.state_dict(),
             "shuffle": self.shuffle.get_state(),
             "rng": rng_state(),
@@ -354,7 +394,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`."""
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(unpack_optimizer_state(state["optimizer"]))
         self.mixer.load_state_dict(state["mixer"])
         self.shuffle.set_state(state["shuffle"])
         set_rng_state(state["rng"])
@@ -455,10 +495,15 @@ class Trainer:
         _dispatch.reset_backend_usage()  # what runs in these steps (not in validation)
         self._sync()
         start_time = time.perf_counter()
-        for step, start in enumerate(range(0, len(train), cfg.batch_size)):
-            names, values = self._train_step(order[start : start + cfg.batch_size], stage2, step)
-            sums = values if sums is None else sums + values  # on the device: no sync
-            batches += 1
+        self._checked_sizes = set()
+        try:
+            for step, start in enumerate(range(0, len(train), cfg.batch_size)):
+                batch = order[start : start + cfg.batch_size]
+                names, values = self._train_step(batch, stage2, step)
+                sums = values if sums is None else sums + values  # on the device: no sync
+                batches += 1
+        finally:  # train_step outside this loop checks every guard
+            self._checked_sizes = None
         if self.check_finite:  # before the epoch's checkpoint
             self.finite.flush(self._checkpoint_path())
         self._sync()
@@ -549,7 +594,8 @@ class Trainer:
         args = (local.to(self.device), batch.to(self.device), draw, real, pick, rows)
         # MIMO writes .grad itself (from all-reduced gradients): not through DDP's hooks
         losses = self.ddp if self.ddp is not None and self.balancer is None else self._loss_fn
-        loss, per_modality, names, values, logged = losses(*args)
+        with self._guards(len(batch)):
+            loss, per_modality, names, values, logged = losses(*args)
         if self.check_finite:  # no sync until check_every steps are due
             self.finite.add(names, values, self.epoch, step, self._checkpoint_path())
         names, values = names[:logged], values[:logged]
