@@ -436,14 +436,24 @@ def test_compile_trains_like_eager_and_resumes_bit_exact(tmp_path, monkeypatch):
     data = synthetic_splits()
     args = dict(epochs=2, batch_size=24)  # 24, 24, 16: the last partial batch recompiles
     eager = Trainer(_config(**args), None, data)
-    eager.fit()
+    eager_result = eager.fit()
     straight = Trainer(_config(compile=True, **args), None, data)
-    straight.fit()
-    assert len(compiled_fns) == 1 and counters["stats"]["unique_graphs"] >= 1
+    result = straight.fit()
+    # the step's forward and losses, and the evaluation's forward
+    assert [f.__name__ for f in compiled_fns] == ["_losses", "predict_proba"]
+    assert counters["stats"]["unique_graphs"] >= 2
     for a, b in zip(eager.history, straight.history, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
     for k, v in _params(eager).items():
         torch.testing.assert_close(_params(straight)[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    # the compiled evaluation: the eager one's probabilities, the model left in train mode,
+    # its backends reported although it was traced epochs before the final test
+    test = data["test"]
+    with torch.no_grad():
+        expected = straight.model.predict_proba(test.views, test.observed)
+    torch.testing.assert_close(straight.predict_proba(test), expected)
+    assert straight.model.training
+    assert result["backends_eval"] == eager_result["backends_eval"] != {}
     Trainer(_config(compile=True, **{**args, "epochs": 1}), tmp_path, data).fit()
     resumed = Trainer.resume(tmp_path, epochs=2, splits=data)
     assert resumed.config.compile

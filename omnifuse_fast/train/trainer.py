@@ -124,6 +124,11 @@ def steady_state(
     }
 
 
+def _joined(used: dict[str, set[str]]) -> dict[str, str]:
+    """Per op family (in :data:`_dispatch.FAMILIES` order), the backends that ran ("a+b")."""
+    return {f: "+".join(sorted(used[f])) for f in _dispatch.FAMILIES if f in used}
+
+
 def _skip_guard_stance() -> Callable[[], Any] | None:
     """``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` as a factory of context
     managers, or None where this torch has no such stance."""
@@ -260,8 +265,10 @@ class Trainer:
         self.finite = FiniteMonitor(config.check_every)
         self._writer = CheckpointWriter()
         self._autocast = AUTOCAST[config.precision]
-        # the step's forward and losses, compiled when asked (graph breaks fall back to eager)
+        # the step's forward and losses, and the evaluation's forward, compiled when asked
         self._loss_fn = self._compile(self._losses) if config.compile else self._losses
+        proba = self.model.predict_proba
+        self._proba_fn = self._compile(proba, training=False) if config.compile else proba
         self.ddp: torch.nn.Module | None = None
         if self.dist.enabled:
             self.ddp = self._wrap_ddp()
@@ -270,9 +277,10 @@ class Trainer:
         self.pool: torch.Tensor | None = None  # MM learning's selected samples (stage 2)
         self.best: dict[str, Any] | None = None
         self.train_seconds = 0.0
-        # per op family, the backends that ran in this process's training steps (a compiled
-        # step's are recorded when it is traced)
+        # per op family, the backends that ran in this process's training steps and
+        # evaluations (a compiled graph's are recorded when it is traced)
         self.backends_train: dict[str, set[str]] = {}
+        self.backends_eval: dict[str, set[str]] = {}
         # (steps, global samples, seconds) of each epoch's training loop in this process
         self.loop_times: list[tuple[int, int, float]] = []
         self.epoch_times: list[float] = []  # each whole epoch in this process (fit's)
@@ -282,13 +290,20 @@ class Trainer:
         self._checked_sizes: set[int] | None = None
 
     # ------------------------------------------------------------------ setup
-    def _compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``torch.compile`` of the step's forward and losses, inductor with static shapes: one
-        graph specialized to the batch size, one to the last partial batch (automatic dynamic
-        shapes would trace a slower symbolic graph at that recompile and run it for every
-        later step). On CPU the graph's kernels are called from generated C++ instead of
-        Python (``cpp_wrapper``): the main job's step is 10% faster (benchmarks/NOTES.md),
-        for a longer first compile (cached on disk for later runs)."""
+    def _compile(self, fn: Callable[..., Any], training: bool = True) -> Callable[..., Any]:
+        """``torch.compile`` of the step's forward and losses (``training``), or of the
+        evaluation's forward.
+
+        The step: inductor with static shapes, one graph specialized to the batch size and
+        one to the last partial batch (automatic dynamic shapes would trace a slower symbolic
+        graph at that recompile and run it for every later step). On CPU its kernels are
+        called from generated C++ instead of Python (``cpp_wrapper``): the main job's step is
+        10% faster (benchmarks/NOTES.md), for a longer first compile (cached on disk for
+        later runs). The evaluation runs once an epoch: torch.compile's defaults (a second
+        split size recompiles once with a dynamic batch size, later sizes reuse it).
+        """
+        if not training:
+            return torch.compile(fn)
         if self.device.type == "cpu":
             return torch.compile(fn, dynamic=False, options={"cpp_wrapper": True})
         return torch.compile(fn, dynamic=False)
@@ -429,12 +444,16 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def predict_proba(self, split: Any) -> torch.Tensor:
-        """``softmax(o)`` for every sample of ``split``, in batches, eval mode."""
+        """``softmax(o)`` for every sample of ``split``, in batches, eval mode (compiled
+        under ``compile=True``)."""
+        _dispatch.reset_backend_usage()
         chunks = []
         for i in range(0, len(split), EVAL_BATCH):
             idx = torch.arange(i, min(i + EVAL_BATCH, len(split)))
             views = [v[idx] for v in split.views]
-            chunks.append(self.model.predict_proba(views, split.observed[idx]))
+            chunks.append(self._proba_fn(views, split.observed[idx]))
+        for family, used in _dispatch.backend_usage().items():
+            self.backends_eval.setdefault(family, set()).update(used.split("+"))
         return torch.cat(chunks).cpu()
 
     def evaluate(self, split: Any) -> dict[str, float]:
@@ -755,10 +774,8 @@ class Trainer:
         if cfg.select_best and self.best is not None:
             final_state = copy.deepcopy(self.model.state_dict())
             self.model.load_state_dict(self.best["model"])
-        _dispatch.reset_backend_usage()
         val = self.evaluate(self.splits["val"])
         test = self.evaluate(self.splits["test"])
-        backends_eval = _dispatch.backend_usage()
         if final_state is not None:  # leave the trainer as training left it
             self.model.load_state_dict(final_state)
         result = {
@@ -772,12 +789,8 @@ class Trainer:
             "selected_epoch": self.best["epoch"] if cfg.select_best and self.best else self.epoch,
             "seconds": round(self.train_seconds, 3),
             "backend": cfg.backend,  # what was asked for; what ran, per op family:
-            "backends_train": {
-                f: "+".join(sorted(self.backends_train[f]))
-                for f in _dispatch.FAMILIES
-                if f in self.backends_train
-            },
-            "backends_eval": backends_eval,
+            "backends_train": _joined(self.backends_train),
+            "backends_eval": _joined(self.backends_eval),
             "lazy": self.model.miner.lazy if self.model.use_tla else None,
             "precision": cfg.precision,
             "compile": cfg.compile,
