@@ -131,50 +131,6 @@ def test_resume_is_bit_exact(tmp_path, method, extra, k, n):
     assert straight.model.miner.lazy == resumed.model.miner.lazy
 
 
-def test_checkpoints_pack_the_optimizer_state_and_plain_ones_still_resume(tmp_path):
-    """A checkpoint (format 2) holds AdamW's per-parameter state as a few flat tensors, which
-    unpack to exactly the optimizer's own state_dict; a format-1 checkpoint, with that plain
-    state_dict, resumes to the same parameters."""
-    data = synthetic_splits()
-    first = Trainer(_config(epochs=1), tmp_path / "new", data)
-    first.fit()
-    state = load_checkpoint(tmp_path / "new" / "checkpoint.pt")
-    assert state["format"] == ckpt_mod.FORMAT == 2
-    packed = state["optimizer"]
-    assert "state" not in packed
-    assert set(packed[ckpt_mod.PACKED]["flat"]) == {"step", "exp_avg", "exp_avg_sq"}
-    plain = first.optimizer.state_dict()
-    unpacked = ckpt_mod.unpack_optimizer_state(packed)
-    assert unpacked["param_groups"] == plain["param_groups"]
-    assert list(unpacked["state"]) == list(plain["state"])
-    for i, entry in plain["state"].items():
-        for k, v in entry.items():
-            got = unpacked["state"][i][k]
-            assert got.shape == v.shape and got.dtype == v.dtype and torch.equal(got, v), (i, k)
-    save_checkpoint({**state, "format": 1, "optimizer": plain}, tmp_path / "old" / "checkpoint.pt")
-    a, b = ({}, {})
-    for params, run in ((a, "new"), (b, "old")):  # one at a time: the RNG states are global
-        resumed = Trainer.resume(tmp_path / run, epochs=2, splits=data)
-        resumed.fit()
-        params.update(_params(resumed))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-def test_an_optimizer_state_that_cannot_be_packed_is_kept_as_it_is():
-    mixed = {
-        "state": {0: {"m": torch.zeros(2)}, 1: {"m": torch.zeros(2, dtype=torch.float64)}},
-        "param_groups": [],
-    }
-    assert ckpt_mod.pack_optimizer_state(mixed) is mixed
-    assert ckpt_mod.unpack_optimizer_state(mixed) is mixed
-    packed = ckpt_mod.pack_optimizer_state({**mixed, "state": {0: mixed["state"][0]}})
-    packed[ckpt_mod.PACKED]["flat"]["m"] = torch.zeros(3)  # not what the shapes say
-    with pytest.raises(CheckpointError, match="does not match its shapes"):
-        ckpt_mod.unpack_optimizer_state(packed)
-
-
 def test_the_steps_drop_is_the_models_supervision_drop():
     """The trainer draws the drop eagerly and applies it in the (compilable) step: the same
     random stream and mask as ``supervision_drop``, and no draw without an imputer."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import math
 import os
 import random
 import tempfile
@@ -17,8 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT = 2  # 2: the optimizer's state packed (pack_optimizer_state)
-READABLE_FORMATS = (1, 2)
+FORMAT = 1
 CHECKPOINT = "checkpoint.pt"  # a run directory's checkpoint file
 REQUIRED = ("format", "config", "epoch", "model", "optimizer", "rng", "history")
 
@@ -152,10 +150,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ) from exc
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         raise CheckpointError(f"{path} is not an omnifuse_fast checkpoint (missing keys)")
-    if state["format"] not in READABLE_FORMATS:
-        raise CheckpointError(
-            f"checkpoint {path} has format {state['format']}, expected one of {READABLE_FORMATS}"
-        )
+    if state["format"] != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {state['format']}, expected {FORMAT}")
     if DIGEST in state:  # written by earlier versions: a digest of the content
         stored = state.pop(DIGEST)
         if stored != state_digest(state):
@@ -205,62 +201,6 @@ def _digest(obj: Any, h: Any) -> None:
             _digest(v, h)
     else:
         h.update(f"{type(obj).__name__}:{obj!r};".encode())
-
-
-PACKED = "packed"  # the key of a packed optimizer state
-
-
-def pack_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
-    """An optimizer's ``state_dict()`` with each per-parameter entry (AdamW: ``step``,
-    ``exp_avg``, ``exp_avg_sq``) concatenated over the parameters into one flat tensor.
-
-    The same numbers in a few records instead of three per parameter: torch's writer spends
-    about 30 us per record, so the main job's checkpoint serializes 5-6 ms faster
-    (benchmarks/NOTES.md). A state it cannot pack (entries that differ between parameters in
-    their keys, dtype or device, or that are not tensors) is returned as it was;
-    :func:`unpack_optimizer_state` takes either form.
-    """
-    per_param = state.get("state", {})
-    if not per_param or not _packable(list(per_param.values())):
-        return state
-    ids = list(per_param)
-    keys = list(per_param[ids[0]])
-    flat = {k: torch.cat([per_param[i][k].detach().reshape(-1) for i in ids]) for k in keys}
-    shapes = {k: [tuple(per_param[i][k].shape) for i in ids] for k in keys}
-    rest = {k: v for k, v in state.items() if k != "state"}
-    return {**rest, PACKED: {"ids": ids, "flat": flat, "shapes": shapes}}
-
-
-def _packable(entries: list[dict[str, Any]]) -> bool:
-    """Every entry has the first one's keys, and tensors of its dtypes and devices there."""
-    first = entries[0]
-
-    def like_first(entry: dict[str, Any]) -> bool:
-        return list(entry) == list(first) and all(
-            torch.is_tensor(entry[k])
-            and (entry[k].dtype, entry[k].device) == (first[k].dtype, first[k].device)
-            for k in first
-        )
-
-    return all(like_first(e) for e in entries)
-
-
-def unpack_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of :func:`pack_optimizer_state` (a state that is not packed passes
-    through): each entry its own tensor again, as ``Optimizer.load_state_dict`` expects."""
-    if PACKED not in state:
-        return state
-    packed = state[PACKED]
-    per_param: dict[Any, dict[str, torch.Tensor]] = {i: {} for i in packed["ids"]}
-    for k, flat in packed["flat"].items():
-        shapes = packed["shapes"][k]
-        sizes = [math.prod(shape) for shape in shapes]
-        if sum(sizes) != flat.numel():
-            raise CheckpointError(f"packed optimizer state {k!r} does not match its shapes")
-        for i, piece, shape in zip(packed["ids"], flat.split(sizes), shapes, strict=True):
-            per_param[i][k] = piece.reshape(shape).clone()
-    rest = {k: v for k, v in state.items() if k != PACKED}
-    return {**rest, "state": per_param}
 
 
 def rng_state() -> dict[str, Any]:

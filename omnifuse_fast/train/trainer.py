@@ -56,11 +56,9 @@ from omnifuse_fast.train.checkpoint import (
     FORMAT,
     CheckpointWriter,
     load_checkpoint,
-    pack_optimizer_state,
     remove_stale_temporaries,
     rng_state,
     set_rng_state,
-    unpack_optimizer_state,
 )
 from omnifuse_fast.train.config import TrainConfig
 from omnifuse_fast.train.distributed import (
@@ -396,7 +394,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "epoch": self.epoch,
             "model": self.model.state_dict(),
-            "optimizer": pack_optimizer_state(self.optimizer.state_dict()),
+            "optimizer": self.optimizer.state_dict(),
             "mixer": self.mixer.state_dict(),
             "shuffle": self.shuffle.get_state(),
             "rng": rng_state(),
@@ -409,7 +407,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`."""
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(unpack_optimizer_state(state["optimizer"]))
+        self.optimizer.load_state_dict(state["optimizer"])
         self.mixer.load_state_dict(state["mixer"])
         self.shuffle.set_state(state["shuffle"])
         set_rng_state(state["rng"])
