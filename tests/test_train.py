@@ -19,6 +19,7 @@ from omnifuse_fast.train import (
     CheckpointError,
     TrainConfig,
     Trainer,
+    build_model,
     load_checkpoint,
     macro_auroc,
     save_checkpoint,
@@ -380,6 +381,23 @@ def test_compiled_loop_skips_guards_only_after_each_sizes_first_step(monkeypatch
         torch.testing.assert_close(_params(runs[True])[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("compile_", [False, True])
+def test_evaluation_follows_a_replaced_model(monkeypatch, compile_):
+    """The experiments replace a trainer's model after it is built: validation and test must
+    evaluate the new one, compiled or not."""
+    monkeypatch.setattr(torch, "compile", compile_as_aot_eager())
+    torch._dynamo.reset()
+    data = synthetic_splits()
+    trainer = Trainer(_config(compile=compile_), None, data)
+    trainer.predict_proba(data["val"])  # the first model's graph, when compiled
+    torch.manual_seed(1)
+    trainer.model = build_model(trainer.config, trainer.view_dims, trainer.num_classes)
+    split = data["val"]
+    with torch.no_grad():
+        expected = trainer.model.predict_proba(split.views, split.observed)
+    torch.testing.assert_close(trainer.predict_proba(split), expected)
+
+
 def test_compile_trains_like_eager_and_resumes_bit_exact(tmp_path, monkeypatch):
     """``compile=True`` runs the same step through ``torch.compile`` (forward and losses, the
     backward through AOT autograd). The backend here is ``aot_eager``: dynamo's trace and AOT
@@ -396,7 +414,7 @@ def test_compile_trains_like_eager_and_resumes_bit_exact(tmp_path, monkeypatch):
     straight = Trainer(_config(compile=True, **args), None, data)
     result = straight.fit()
     # the step's forward and losses, and the evaluation's forward
-    assert [f.__name__ for f in compiled_fns] == ["_losses", "predict_proba"]
+    assert [f.__name__ for f in compiled_fns] == ["_losses", "_predict"]
     assert counters["stats"]["unique_graphs"] >= 2
     for a, b in zip(eager.history, straight.history, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)

@@ -122,6 +122,20 @@ def steady_state(
     }
 
 
+def _predict(model: torch.nn.Module, views: list[torch.Tensor], observed: torch.Tensor):
+    """The evaluation's forward, ``model.predict_proba`` (compiled under ``compile=True``).
+    The model is an argument, not bound: a trainer's model may be replaced after it is built
+    (the experiments' baselines are)."""
+    return model.predict_proba(views, observed)
+
+
+def _add_usage(into: dict[str, set[str]]) -> None:
+    """Fold the dispatcher's usage record since its last reset into ``into`` (per op family,
+    the backends that ran)."""
+    for family, used in _dispatch.backend_usage().items():
+        into.setdefault(family, set()).update(used.split("+"))
+
+
 def _joined(used: dict[str, set[str]]) -> dict[str, str]:
     """Per op family (in :data:`_dispatch.FAMILIES` order), the backends that ran ("a+b")."""
     return {f: "+".join(sorted(used[f])) for f in _dispatch.FAMILIES if f in used}
@@ -265,8 +279,7 @@ class Trainer:
         self._autocast = AUTOCAST[config.precision]
         # the step's forward and losses, and the evaluation's forward, compiled when asked
         self._loss_fn = self._compile(self._losses) if config.compile else self._losses
-        proba = self.model.predict_proba
-        self._proba_fn = self._compile(proba, training=False) if config.compile else proba
+        self._proba_fn = self._compile(_predict, training=False) if config.compile else _predict
         self.ddp: torch.nn.Module | None = None
         if self.dist.enabled:
             self.ddp = self._wrap_ddp()
@@ -449,9 +462,8 @@ class Trainer:
         for i in range(0, len(split), EVAL_BATCH):
             idx = torch.arange(i, min(i + EVAL_BATCH, len(split)))
             views = [v[idx] for v in split.views]
-            chunks.append(self._proba_fn(views, split.observed[idx]))
-        for family, used in _dispatch.backend_usage().items():
-            self.backends_eval.setdefault(family, set()).update(used.split("+"))
+            chunks.append(self._proba_fn(self.model, views, split.observed[idx]))
+        _add_usage(self.backends_eval)
         return torch.cat(chunks).cpu()
 
     def evaluate(self, split: Any) -> dict[str, float]:
@@ -525,8 +537,7 @@ class Trainer:
             self.finite.flush(self._checkpoint_path())
         self._sync()
         self.loop_times.append((batches, len(train), time.perf_counter() - start_time))
-        for family, used in _dispatch.backend_usage().items():
-            self.backends_train.setdefault(family, set()).update(used.split("+"))
+        _add_usage(self.backends_train)
         if sums is None:
             return {}
         return dict(zip(names, (sums / max(batches, 1)).tolist()))
