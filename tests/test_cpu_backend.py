@@ -525,6 +525,38 @@ def test_cra_backward_stash_computes_only_the_masked_gradients(activation):
                 assert p.numel() == 0, (i, j)
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize(
+    "mask", [[True] * 5, [False, True, True, True, True], [False, False, False, True, True]]
+)
+def test_cra_backward_overlapped_on_two_threads_equals_the_sequential_walk(activation, mask):
+    """At small sizes the backward overlaps the chain and the weight gradients on two threads
+    (csrc/cpu/cra.cpp, backward_overlapped); one thread walks the same GEMMs in sequence. The
+    bits must agree, for every subset of gradients (the last: decoder only, no chain at 0)."""
+    x, w1, b1, w2, b2 = (t.detach() for t in _cra_inputs(64, 48, 3, 32, torch.float32))
+    ops = torch.ops.omnifuse_fast
+    out, lat, states, post, pre = ops.cra_forward_stash(x, w1, b1, w2, b2, activation)
+    go, gl = torch.randn(out.shape), torch.randn(lat.shape)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.cra_backward_stash(go, gl, w1, w2, states, post, pre, activation, mask)
+        torch.set_num_threads(max(2, threads))
+        two = ops.cra_backward_stash(go, gl, w1, w2, states, post, pre, activation, mask)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, wanted in zip(one, two, mask, strict=True):
+        assert torch.equal(a, b)
+        assert (a.numel() > 0) == wanted
+    with torch.enable_grad():  # and both are the reference's gradients
+        leaves = [t.clone().requires_grad_(True) for t in (x, w1, b1, w2, b2)]
+        ro, rl = ref.cra_forward(*leaves, activation=activation)
+        want = torch.autograd.grad((ro * go).sum() + (rl * gl).sum(), leaves)
+    for g, r, wanted in zip(two, want, mask):
+        if wanted:
+            torch.testing.assert_close(g, r, **CRA_TOL[torch.float32])
+
+
 def test_cra_trains_on_the_stash_and_infers_without_it():
     inputs = _cra_inputs(33, 10, 3, 4, torch.float32)
     out, lat = of.cra_forward(*inputs, activation="gelu", backend=CPU)

@@ -14,6 +14,9 @@
 // schema shared with CUDA) recomputes the stash and runs the same backward.
 #include "common.h"
 
+#include <atomic>
+#include <thread>
+
 namespace omnifuse_fast {
 namespace cpu {
 namespace {
@@ -272,6 +275,97 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cra_forward_stash_cpu(
 
 using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
+// The weight and bias gradients being filled (empty [0] where not asked for).
+struct WeightGrads {
+  Tensor gw1, gb1, gw2, gb2;
+};
+
+// Layer k's decoder gradients from gs = dL/ds_k (db2_k, dW2_k), or its encoder gradients from
+// gc = dL/da_k (db1_k, dW1_k), as mask asks.
+void layer_weight_grads(const Tensor& gs, const Tensor& gc, const Stash& st, int64_t k,
+                        std::array<bool, 5> mask, const WeightGrads& wg, bool decoder) {
+  if (decoder) {
+    if (mask[4]) column_sums(gs, wg.gb2[k]);
+    if (mask[3]) weight_grad(gs, st.post[k], wg.gw2[k]);  // [F, H]
+  } else {
+    if (mask[2]) column_sums(gc, wg.gb1[k]);
+    if (mask[1]) weight_grad(gc, st.states[k], wg.gw1[k]);  // [H, F]
+  }
+}
+
+// Small GEMMs leave the second core idle: MKL runs a 64 x 192 x 64 GEMM in the same ~11 us on
+// one thread or two (benchmarks/NOTES.md). Between these many multiply-adds per GEMM
+// (B * F * H), the backward overlaps its two independent halves on two threads instead; below,
+// waking a second thread costs more than it saves.
+constexpr int64_t kOverlapMinMacs = int64_t(1) << 15, kOverlapMaxMacs = int64_t(1) << 21;
+
+bool overlap_weight_grads(int64_t B, int64_t F, int64_t H) {
+  const int64_t macs = B * F * H;
+  return at::get_num_threads() >= 2 && !at::in_parallel_region() && macs >= kOverlapMinMacs &&
+         macs <= kOverlapMaxMacs;
+}
+
+// The backward walk on two threads. One walks the chain (gc_k = (gs W2_k + dL/dc_k) act'(a_k),
+// then dL/ds_{k-1} = gs + gc_k W1_k); the other follows one layer behind it with the weight and
+// bias gradients, which read only that layer's gs and gc. Each layer's gs and gc get their own
+// buffer, so the chain never overwrites what the other thread still reads. Every GEMM is the
+// same call as in the sequential walk, on one thread either way (MKL does not thread inside a
+// parallel region), so the results are the same bits. With one thread at::parallel_for runs the
+// chain, then the rest: the chain never waits, so that order cannot deadlock. Returns dL/dx.
+Tensor backward_overlapped(const Tensor& grad_top, const Tensor& glat, const Tensor& W1,
+                           const Tensor& W2, const Stash& st, Act a, std::array<bool, 5> mask,
+                           const WeightGrads& wg) {
+  const int64_t K = W1.size(0), H = W1.size(1), B = grad_top.size(0), F = grad_top.size(1);
+  const auto opts = st.states.options();  // the acc dtype
+  const bool need_x = mask[0], need_encoder0 = mask[0] || mask[1] || mask[2];
+  Tensor G = at::empty({K + 1, B, F}, opts);  // G[k] = dL/ds_k (s_K is the output)
+  Tensor C = at::empty({K, B, H}, opts);      // C[k] = dL/da_k
+  G[K].copy_(grad_top);
+  // the lowest layer whose G (g_ready) and C (c_ready) the chain has written; K: none yet
+  std::atomic<int64_t> g_ready{K}, c_ready{K};
+  std::atomic<bool> chain_failed{false};
+  const auto wait_for = [&](const std::atomic<int64_t>& ready, int64_t k) {
+    while (ready.load(std::memory_order_acquire) > k) {
+      if (chain_failed.load(std::memory_order_acquire)) return false;
+      std::this_thread::yield();
+    }
+    return true;
+  };
+  at::parallel_for(0, 2, 1, [&](int64_t role0, int64_t role1) {
+    for (int64_t role = role0; role < role1; ++role) {
+      if (role == 0) {
+        try {
+          for (int64_t k = K - 1; k >= 0; --k) {
+            if (k == 0 && !need_encoder0) break;
+            Tensor gc = C[k];
+            at::mm_out(gc, G[k + 1], W2[k]);
+            activation_backward(gc, glat, k * H, needs_pre(a) ? st.pre[k] : Tensor(),
+                                st.post[k], a);
+            c_ready.store(k, std::memory_order_release);
+            if (k > 0 || need_x) {
+              Tensor gk = G[k];
+              at::addmm_out(gk, G[k + 1], gc, W1[k]);
+            }
+            g_ready.store(k, std::memory_order_release);
+          }
+        } catch (...) {  // the other thread must not wait for a layer that never comes
+          chain_failed.store(true, std::memory_order_release);
+          throw;
+        }
+        continue;
+      }
+      for (int64_t k = K - 1; k >= 0; --k) {
+        if (!wait_for(g_ready, k + 1)) return;
+        layer_weight_grads(G[k + 1], Tensor(), st, k, mask, wg, /*decoder=*/true);
+        if (k == 0 && !need_encoder0) break;
+        if (!wait_for(c_ready, k)) return;
+        layer_weight_grads(Tensor(), C[k], st, k, mask, wg, /*decoder=*/false);
+      }
+    }
+  });
+  return G[0];
+}
+
 // The backward from a stash. mask = which of (x, w1, b1, w2, b2) need a gradient; the others
 // come back as empty [0] tensors. Per layer, from the top (gs = dL/ds_k):
 //   db2_k = sum_b gs,  dW2_k = gs^T c_k,  gc = (gs W2_k + dL/dc_k) * act'(a_k),
@@ -284,7 +378,7 @@ Grads backward_impl(const Tensor& grad_out, const Tensor& grad_latents, const Te
   const auto opts = st.states.options();
   const auto [need_x, need_w1, need_b1, need_w2, need_b2] = mask;
   const Tensor W1 = w1.to(acc).contiguous(), W2 = w2.to(acc).contiguous();
-  Tensor gs = grad_out.to(acc, false, /*copy=*/true).contiguous();
+  Tensor gs;  // dL/ds_k, walking down from the output's gradient
   const Tensor glat = grad_latents.to(acc).contiguous();
   const Tensor none = at::empty({0}, opts);
   Tensor gw1 = need_w1 ? at::empty({K, H, F}, opts) : none;
@@ -293,16 +387,20 @@ Grads backward_impl(const Tensor& grad_out, const Tensor& grad_latents, const Te
   Tensor gb2 = need_b2 ? at::empty({K, F}, opts) : none;
   // below the top layer gc is needed anyway (it carries gs down); at layer 0 only for these
   const bool need_encoder0 = need_x || need_w1 || need_b1;
-  Tensor gc = at::empty({grad_out.size(0), H}, opts);
-  for (int64_t k = K - 1; k >= 0; --k) {
-    if (need_b2) column_sums(gs, gb2[k]);
-    if (need_w2) weight_grad(gs, st.post[k], gw2[k]);  // [F, H]
-    if (k == 0 && !need_encoder0) break;  // only decoder gradients were asked for
-    at::mm_out(gc, gs, W2[k]);  // [B, H]
-    activation_backward(gc, glat, k * H, needs_pre(a) ? st.pre[k] : Tensor(), st.post[k], a);
-    if (need_b1) column_sums(gc, gb1[k]);
-    if (need_w1) weight_grad(gc, st.states[k], gw1[k]);  // [H, F]
-    if (k > 0 || need_x) gs.addmm_(gc, W1[k]);
+  const WeightGrads wg{gw1, gb1, gw2, gb2};
+  if (overlap_weight_grads(grad_out.size(0), F, H)) {
+    gs = backward_overlapped(grad_out, glat, W1, W2, st, a, mask, wg);
+  } else {
+    gs = grad_out.to(acc, false, /*copy=*/true).contiguous();
+    Tensor gc = at::empty({grad_out.size(0), H}, opts);
+    for (int64_t k = K - 1; k >= 0; --k) {
+      layer_weight_grads(gs, gc, st, k, mask, wg, /*decoder=*/true);
+      if (k == 0 && !need_encoder0) break;  // only decoder gradients were asked for
+      at::mm_out(gc, gs, W2[k]);  // [B, H]
+      activation_backward(gc, glat, k * H, needs_pre(a) ? st.pre[k] : Tensor(), st.post[k], a);
+      layer_weight_grads(gs, gc, st, k, mask, wg, /*decoder=*/false);
+      if (k > 0 || need_x) gs.addmm_(gc, W1[k]);
+    }
   }
   const auto cast = [&](const Tensor& g, const Tensor& like) {
     return g.numel() == 0 ? at::empty({0}, like.options()) : g.to(like.scalar_type());
