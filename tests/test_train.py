@@ -132,6 +132,31 @@ def test_resume_is_bit_exact(tmp_path, method, extra, k, n):
     assert straight.model.miner.lazy == resumed.model.miner.lazy
 
 
+def test_a_format_1_checkpoint_resumes_bit_exactly(tmp_path):
+    """Checkpoints before FlatAdamW (format 1) hold torch AdamW's per-parameter optimizer
+    state; they resume into the flat optimizer and continue as the straight run does. A format
+    this version does not know is refused by name."""
+    data = synthetic_splits()
+    straight = Trainer(_config(epochs=3), tmp_path / "a", data)
+    straight.fit()
+    first = Trainer(_config(epochs=1), tmp_path / "b", data)
+    first.fit()
+    path = tmp_path / "b" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    assert state["format"] == 2 and "flat" in state["optimizer"]["state"]
+    state["format"] = 1
+    state["optimizer"] = first.optimizer.torch_state_dict()  # as torch.optim.AdamW wrote it
+    save_checkpoint(state, path)
+    resumed = Trainer.resume(tmp_path / "b", epochs=3, splits=data)
+    resumed.fit()
+    a, b = _params(straight), _params(resumed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    save_checkpoint({**state, "format": 3}, path)
+    with pytest.raises(CheckpointError, match="has format 3"):
+        load_checkpoint(path)
+
+
 def test_the_steps_drop_is_the_models_supervision_drop():
     """The trainer draws the drop eagerly and applies it in the (compilable) step: the same
     random stream and mask as ``supervision_drop``, and no draw without an imputer."""

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT = 1
+FORMAT = 2  # 2: the optimizer state of FlatAdamW (flat moments); 1 (torch AdamW) still loads
+READABLE = (1, 2)
 CHECKPOINT = "checkpoint.pt"  # a run directory's checkpoint file
 REQUIRED = ("format", "config", "epoch", "model", "optimizer", "rng", "history")
 
@@ -150,8 +151,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ) from exc
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         raise CheckpointError(f"{path} is not an omnifuse_fast checkpoint (missing keys)")
-    if state["format"] != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {state['format']}, expected {FORMAT}")
+    if state["format"] not in READABLE:
+        raise CheckpointError(
+            f"checkpoint {path} has format {state['format']}, expected one of {READABLE}"
+        )
     if DIGEST in state:  # written by earlier versions: a digest of the content
         stored = state.pop(DIGEST)
         if stored != state_digest(state):
