@@ -12,6 +12,7 @@ An implementation takes the op's arguments in the public order, already validate
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import importlib
 import os
@@ -262,6 +263,17 @@ def backend_usage() -> dict[str, str]:
 def reset_backend_usage() -> None:
     """Start a new usage record (e.g. at the start of training, or of evaluation)."""
     _usage.clear()
+
+
+@contextlib.contextmanager
+def unrecorded():
+    """Ops run inside are left out of the usage record (a probe, not the work reported)."""
+    saved = {family: collections.Counter(counts) for family, counts in _usage.items()}
+    try:
+        yield
+    finally:
+        _usage.clear()
+        _usage.update(saved)
 
 
 def available_backends(device: torch.device | str = "cpu", op: str = "dwfuse_loss") -> list[str]:

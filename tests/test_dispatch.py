@@ -296,6 +296,16 @@ def test_usage_records_the_backend_that_ran_per_family(isolated):
     assert _dispatch.backend_usage() == {}
 
 
+def test_ops_run_unrecorded_leave_the_usage_record_as_it_was(isolated):
+    z, y = torch.randn(4, 2, 3), torch.tensor([0, 1, 2, 0])
+    of.dwfuse_loss(z, y, backend="reference")
+    with _dispatch.unrecorded():  # e.g. the trainer's probe of which parameters train
+        of.soft_cross_entropy(z[:, 0], torch.softmax(z[:, 1], 1), backend="reference")
+        of.dwfuse_loss(z, y, backend="reference")
+        assert _dispatch.backend_usage() == {"dwfuse": "reference", "mix": "reference"}
+    assert _dispatch.backend_usage() == {"dwfuse": "reference"}
+
+
 def test_a_fallback_moves_the_call_to_the_backend_that_ran(isolated):
     _dispatch.set_availability("cpu", lambda device: None)
     _dispatch.register("dwfuse_loss", "cpu", lambda *a: "cpu ran")

@@ -134,3 +134,31 @@ def test_lr_change_in_param_groups_applies():
     assert not torch.equal(a[0], _params(7)[0])
     for p, q in zip(b, _params(7), strict=True):  # lr 0 (and so no decay): unchanged
         assert torch.equal(p, q)
+
+
+def test_a_step_that_read_the_flat_tensor_leaves_one_gradient():
+    """A step can take the flat tensor itself as input (split into the parameters' shapes):
+    its whole gradient lands in flat.grad, which the step uses as it is."""
+    split_params, own_params = _params(8), _params(8)
+    split_opt, own_opt = FlatAdamW(split_params, lr=1e-2), FlatAdamW(own_params, lr=1e-2)
+    assert split_opt.flat.is_leaf and split_opt.flat.requires_grad
+    g = torch.Generator().manual_seed(9)
+    targets = [torch.randn(s, generator=g) for s in SHAPES]
+    for _ in range(3):
+        for opt in (split_opt, own_opt):
+            opt.zero_grad()
+        pieces = split_opt.flat.split([p.numel() for p in split_params])
+        views = [t.view(p.shape) for t, p in zip(pieces, split_params, strict=True)]
+        sum(((v - t) ** 2).sum() for v, t in zip(views, targets, strict=True)).backward()
+        sum(((p - t) ** 2).sum() for p, t in zip(own_params, targets, strict=True)).backward()
+        assert all(p.grad is None for p in split_params) and split_opt.flat.grad is not None
+        split_opt.step()
+        own_opt.step()
+    for a, b in zip(split_params, own_params, strict=True):
+        assert torch.equal(a, b)
+    split_opt.zero_grad()
+    assert split_opt.flat.grad is None
+    split_opt.flat.grad = torch.zeros_like(split_opt.flat)
+    split_params[0].grad = torch.zeros_like(split_params[0])
+    with pytest.raises(ValueError, match="flat.grad and the gradients of parameters"):
+        split_opt.step()

@@ -423,6 +423,54 @@ def test_evaluation_follows_a_replaced_model(monkeypatch, compile_):
     torch.testing.assert_close(trainer.predict_proba(split), expected)
 
 
+@pytest.mark.parametrize("method", ["omnifuse", "concat"])
+def test_compiled_step_takes_the_flat_parameters_only_where_the_loss_reaches_all(
+    monkeypatch, method
+):
+    """Under compile the step takes FlatAdamW's flat tensor as its one parameter input (one
+    gradient, no gather), where the loss reaches every parameter (OmniFuse). Where it does not
+    (concat: the unimodal heads are in no loss term), the step keeps the parameters' own
+    gradients, so that AdamW skips those parameters as torch's does instead of decaying them:
+    they stay at their initial values, as in the eager run. Either way it trains like eager."""
+    monkeypatch.setattr(torch, "compile", compile_as_aot_eager())
+    torch._dynamo.reset()
+    data = synthetic_splits()
+    runs = {}
+    for compile_ in (False, True):
+        trainer = Trainer(_config(method=method, compile=compile_, epochs=2), None, data)
+        initial = _params(trainer)
+        trainer.fit()
+        runs[compile_] = (trainer, initial)
+    (eager, initial), (compiled, _) = runs[False], runs[True]
+    assert eager._flat_input() is None
+    flat = compiled._flat_input()
+    if method == "omnifuse":
+        assert flat is compiled.optimizer.flat
+    else:
+        assert flat is None
+        untouched = [k for k, v in _params(eager).items() if torch.equal(v, initial[k])]
+        assert any(k.startswith("heads.") for k in untouched)
+        for k in untouched:
+            assert torch.equal(_params(compiled)[k], initial[k]), k
+    for k, v in _params(eager).items():
+        torch.testing.assert_close(_params(compiled)[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_the_step_on_the_flat_parameters_is_one_graph():
+    """The compiled step's forward and losses, with the parameters split from the flat
+    tensor (the reparametrized model), the drop's mask and the miner's update: one graph."""
+    data = synthetic_splits()
+    trainer = Trainer(_config(compile=True), None, data)
+    flat = trainer._flat_input()
+    assert flat is trainer.optimizer.flat
+    idx = torch.arange(8)
+    draw = torch.rand(8, 3)
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(trainer._losses)(idx, idx, draw, True, None, slice(0, 8), flat)
+    reasons = [b.reason.splitlines()[0] for b in report.break_reasons]
+    assert report.graph_count == 1 and report.graph_break_count == 0, reasons
+
+
 def test_compile_trains_like_eager_and_resumes_bit_exact(tmp_path, monkeypatch):
     """``compile=True`` runs the same step through ``torch.compile`` (forward and losses, the
     backward through AOT autograd). The backend here is ``aot_eager``: dynamo's trace and AOT

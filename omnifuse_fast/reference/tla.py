@@ -41,7 +41,10 @@ def tla_stats(
     sums = torch.zeros(bins, dtype=torch.float32, device=logits.device).index_add_(
         0, comb.long(), d.float()
     )
-    counts = torch.bincount(comb.long(), minlength=bins)[:bins].to(torch.int64)
+    # index_add_, not bincount: a static shape, so the miner's update traces into one graph
+    counts = torch.zeros(bins, dtype=torch.int64, device=logits.device).index_add_(
+        0, comb.long(), torch.ones_like(comb, dtype=torch.int64)
+    )
     return sums, counts
 
 

@@ -5,7 +5,10 @@ the 2-core CPU, mostly per tensor: the Python of ``step`` (grouping, state looku
 counters' ``_foreach_add_`` (one ``add_`` per tensor on CPU) and the kernel's per-tensor
 set-up (benchmarks/NOTES.md). Here the parameters become views of one flat tensor when the
 optimizer is built (``p.data``; the model keeps its ``Parameter`` objects), and a step is one
-``torch.cat`` of the gradients plus torch's fused AdamW over the flat tensor.
+``torch.cat`` of the gradients plus torch's fused AdamW over the flat tensor. The flat tensor
+is a leaf that requires grad: a step that takes it as its input (``flat.split`` into the
+parameters' shapes, e.g. through ``torch.func.functional_call``) leaves the whole gradient in
+``flat.grad``, and the gather is skipped.
 
 Semantics are torch's AdamW (decoupled weight decay), element by element, with one difference:
 a parameter with no gradient in a step is left as it was (value and moments, as torch skips
@@ -79,6 +82,7 @@ class FlatAdamW:
             for p, view in zip(self.params, self._views(self.flat), strict=True):
                 view.copy_(p)
                 p.data = view  # the same Parameter object, now a view of the flat storage
+        self.flat.requires_grad_(True)  # a leaf: a step that reads it leaves flat.grad
         self._grad = torch.empty_like(self.flat)
         self._opt = torch.optim.AdamW(
             [self.flat], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True
@@ -104,7 +108,16 @@ class FlatAdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One AdamW update of every parameter with a gradient."""
+        """One AdamW update of every parameter with a gradient (or, when ``flat.grad`` is set,
+        of every parameter, with that gradient).
+
+        Raises:
+            ValueError: both ``flat.grad`` and a parameter's own gradient are set, or a
+                gradient is sparse or of another dtype.
+        """
+        if self.flat.grad is not None:
+            self._step_flat()
+            return
         grads = [p.grad for p in self.params]
         missing = [i for i, g in enumerate(grads) if g is None]
         if len(missing) == len(grads):
@@ -129,14 +142,29 @@ class FlatAdamW:
         present = set(range(len(grads))) - set(missing)
         self._stepped = [s or i in present for i, s in enumerate(self._stepped)]
 
+    def _step_flat(self) -> None:
+        """The step from ``flat.grad``: every parameter has a gradient there (zero where the
+        loss did not reach it; the caller takes the flat gradient only where the loss reaches
+        every parameter)."""
+        given = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if given:
+            raise ValueError(
+                f"FlatAdamW: flat.grad and the gradients of parameters {given} are both set; "
+                "a step reads one or the other"
+            )
+        if self.flat.grad.dtype != self.flat.dtype or self.flat.grad.is_sparse:
+            raise ValueError(f"FlatAdamW: flat.grad must be dense {self.flat.dtype}")
+        self._opt.step()
+        self._stepped = [True] * len(self.params)
+
     def _slices(self, i: int) -> list[torch.Tensor]:
         """Parameter ``i``'s value and moments: views of the flat tensors."""
         s, n = self._starts[i], self.params[i].numel()
         return [t[s : s + n] for t in (self.flat, self._exp_avg, self._exp_avg_sq)]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the parameters' gradients (None, or zeros in place)."""
-        for p in self.params:
+        """Clear the parameters' gradients and ``flat.grad`` (None, or zeros in place)."""
+        for p in (*self.params, self.flat):
             if set_to_none:
                 p.grad = None
             elif p.grad is not None:

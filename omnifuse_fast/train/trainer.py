@@ -301,6 +301,9 @@ class Trainer:
         # batch sizes whose compiled step has passed all of dynamo's guards in this epoch's
         # loop; None outside the loop (every guard is checked): see _guards
         self._checked_sizes: set[int] | None = None
+        # the optimizer's flat parameter tensor when the compiled step takes it as its input,
+        # for the (model, optimizer) pair it was decided for: see _flat_input
+        self._flat: tuple[tuple[int, int], torch.Tensor | None] | None = None
 
     # ------------------------------------------------------------------ setup
     def _compile(self, fn: Callable[..., Any], training: bool = True) -> Callable[..., Any]:
@@ -622,6 +625,9 @@ class Trainer:
         pick = self._mix_pick(len(batch)) if stage2 else None
         self.optimizer.zero_grad(set_to_none=True)
         args = (local.to(self.device), batch.to(self.device), draw, real, pick, rows)
+        flat = self._flat_input()
+        if flat is not None:
+            args = (*args, flat)
         # MIMO writes .grad itself (from all-reduced gradients): not through DDP's hooks
         losses = self.ddp if self.ddp is not None and self.balancer is None else self._loss_fn
         with self._guards(len(batch)):
@@ -640,7 +646,7 @@ class Trainer:
             loss.backward()
         return names, values
 
-    def _losses(self, idx, batch, draw, real, pick, rows):
+    def _losses(self, idx, batch, draw, real, pick, rows, flat=None):
         """The step's loss on this rank, what it logs and checks; the TLA miner's update.
 
         ``idx``: this rank's rows of the training split; ``batch``: the global batch's, with
@@ -652,15 +658,18 @@ class Trainer:
         (:func:`~omnifuse_fast.train.distributed.rank_share`) and logged with its global
         value. Under ``precision="bf16"`` the forward and losses run in ``torch.autocast``
         (inside the compiled region when compiled; the backward then follows the forward's
-        dtypes).
+        dtypes). ``flat``: the optimizer's flat parameter tensor, split into the model's
+        parameters for this call (:meth:`_flat_input`), or None (the model's own).
         """
         views, observed, labels = self._batch(self.splits["train"], idx)
         present = self._present(batch, draw, rows)
-        if self._autocast is None:
-            result, out = self._losses_body(views, observed, labels, present, real, pick, rows)
-        else:
-            with torch.autocast(self.device.type, dtype=self._autocast):
-                result, out = self._losses_body(views, observed, labels, present, real, pick, rows)
+        body = (views, observed, labels, present, real, pick, rows)
+        with self._parameters_from(flat):
+            if self._autocast is None:
+                result, out = self._losses_body(*body)
+            else:
+                with torch.autocast(self.device.type, dtype=self._autocast):
+                    result, out = self._losses_body(*body)
         if self.model.use_tla and real:  # the miner reads this batch's (detached) output
             with torch.no_grad():
                 self.model.tla_observe(out, observed, labels)
@@ -696,6 +705,62 @@ class Trainer:
             **{f: v.detach() for f, v in zip(out._fields, out) if torch.is_tensor(v)}, losses={}
         )
         return (loss, per_modality, list(checked), stacked, len(logged)), detached
+
+    def _parameters_from(self, flat: torch.Tensor | None) -> contextlib.AbstractContextManager:
+        """The model's parameters as views of ``flat`` (split in order) for the duration, or
+        its own (``flat`` None). The split's backward is one concatenation in the compiled
+        graph, so the gradient reaches ``flat.grad`` whole."""
+        if flat is None:
+            return contextlib.nullcontext()
+        names = [name for name, _ in self.model.named_parameters()]
+        shapes = [p.shape for p in self.model.parameters()]
+        pieces = flat.split([s.numel() for s in shapes])
+        params = {n: t.view(s) for n, t, s in zip(names, pieces, shapes, strict=True)}
+        return torch.nn.utils.stateless._reparametrize_module(self.model, params)
+
+    def _flat_input(self) -> torch.Tensor | None:
+        """The optimizer's flat parameter tensor when the compiled step takes the parameters as
+        that one input, else None.
+
+        Then the backward hands AdamW one gradient: no per-parameter accumulation and no
+        gather, and the graph has one parameter input instead of one per tensor (the main
+        job's compiled step: 4.61 -> 4.03 ms, benchmarks/NOTES.md). Only under ``compile``
+        (eagerly the split would add an op per parameter), with :class:`FlatAdamW` over
+        exactly the model's parameters, without DDP (its hooks are on the parameters) or
+        MIMO (it differentiates per parameter), and only if the step's loss reaches every
+        parameter: the flat gradient holds a zero, not a None, for a parameter it does not
+        reach, and AdamW would then decay that parameter where torch's AdamW skips it. Decided
+        once per (model, optimizer): the experiments replace both after construction.
+        """
+        key = (id(self.model), id(self.optimizer))
+        if self._flat is None or self._flat[0] != key:
+            opt = self.optimizer
+            params = list(self.model.parameters())
+            eligible = (
+                self.config.compile
+                and isinstance(opt, FlatAdamW)
+                and self.ddp is None
+                and self.balancer is None
+                and len(opt.params) == len(params)
+                and all(a is b for a, b in zip(opt.params, params, strict=True))
+            )
+            use = eligible and self._every_parameter_trained()
+            self._flat = (key, opt.flat if use else None)
+        return self._flat[1]
+
+    def _every_parameter_trained(self) -> bool:
+        """Whether the step's loss reaches every parameter: probed once, eagerly, on two
+        training rows (no drop, no mixing; the random state and the backend-usage record are
+        restored, the miner is not fed)."""
+        train = self.splits["train"]
+        rows = min(2, len(train))
+        views, observed, labels = self._batch(train, torch.arange(rows, device=self.device))
+        params = list(self.model.parameters())
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), _dispatch.unrecorded(), torch.enable_grad():
+            body = self._losses_body(views, observed, labels, observed, True, None, slice(0, rows))
+            grads = torch.autograd.grad(body[0][0], params, allow_unused=True)
+        return all(g is not None for g in grads)
 
     def fit(self) -> dict[str, Any]:
         """Train from the current epoch to ``config.epochs``; test; write the outputs."""
