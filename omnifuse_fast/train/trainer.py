@@ -716,7 +716,10 @@ class Trainer:
         shapes = [p.shape for p in self.model.parameters()]
         pieces = flat.split([s.numel() for s in shapes])
         params = {n: t.view(s) for n, t, s in zip(names, pieces, shapes, strict=True)}
-        return torch.nn.utils.stateless._reparametrize_module(self.model, params)
+        # what torch.func.functional_call does around one call, here around the whole body
+        # (the forward, MM learning's mixing forward); tie_weights: a parameter shared under
+        # several names is replaced under all of them
+        return torch.nn.utils.stateless._reparametrize_module(self.model, params, tie_weights=True)
 
     def _flat_input(self) -> torch.Tensor | None:
         """The optimizer's flat parameter tensor when the compiled step takes the parameters as
