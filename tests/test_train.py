@@ -27,6 +27,7 @@ from omnifuse_fast.train import (
 )
 from omnifuse_fast.train import checkpoint as ckpt_mod
 from omnifuse_fast.train.metrics import column_auroc
+from omnifuse_fast.train.trainer import make_optimizer
 
 DIMS = [6, 5, 4]
 SMALL = dict(dim=4, hidden=8, num_blocks=2, encoder_hidden=8, head_hidden=8, batch_size=16)
@@ -454,6 +455,14 @@ def test_compiled_step_takes_the_flat_parameters_only_where_the_loss_reaches_all
             assert torch.equal(_params(compiled)[k], initial[k]), k
     for k, v in _params(eager).items():
         torch.testing.assert_close(_params(compiled)[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_frozen_parameter_keeps_the_compiled_step_on_the_parameters_own_gradients():
+    trainer = Trainer(_config(compile=True), None, synthetic_splits())
+    assert trainer._flat_input() is trainer.optimizer.flat
+    trainer.model.heads[0][0].weight.requires_grad_(False)
+    trainer.optimizer = make_optimizer(trainer.model, trainer.config)  # decided again
+    assert trainer._flat_input() is None
 
 
 def test_the_step_on_the_flat_parameters_is_one_graph():

@@ -729,8 +729,9 @@ class Trainer:
         gather, and the graph has one parameter input instead of one per tensor (the main
         job's compiled step: 4.61 -> 4.03 ms, benchmarks/NOTES.md). Only under ``compile``
         (eagerly the split would add an op per parameter), with :class:`FlatAdamW` over
-        exactly the model's parameters, without DDP (its hooks are on the parameters) or
-        MIMO (it differentiates per parameter), and only if the step's loss reaches every
+        exactly the model's parameters, none of them frozen, without DDP (its hooks are on
+        the parameters) or MIMO (it differentiates per parameter), and only if the step's
+        loss reaches every
         parameter: the flat gradient holds a zero, not a None, for a parameter it does not
         reach, and AdamW would then decay that parameter where torch's AdamW skips it. Decided
         once per (model, optimizer): the experiments replace both after construction.
@@ -746,6 +747,7 @@ class Trainer:
                 and self.balancer is None
                 and len(opt.params) == len(params)
                 and all(a is b for a, b in zip(opt.params, params, strict=True))
+                and all(p.requires_grad for p in params)  # a frozen one stays out of flat.grad
             )
             use = eligible and self._every_parameter_trained()
             self._flat = (key, opt.flat if use else None)
