@@ -460,8 +460,9 @@ def test_compiled_step_takes_the_flat_parameters_only_where_the_loss_reaches_all
 def test_a_frozen_parameter_keeps_the_compiled_step_on_the_parameters_own_gradients():
     trainer = Trainer(_config(compile=True), None, synthetic_splits())
     assert trainer._flat_input() is trainer.optimizer.flat
-    trainer.model.heads[0][0].weight.requires_grad_(False)
+    frozen = trainer.model.heads[0][0].weight.requires_grad_(False)
     trainer.optimizer = make_optimizer(trainer.model, trainer.config)  # decided again
+    assert all(p is not frozen for p in trainer.optimizer.params)  # never steps: not held
     assert trainer._flat_input() is None
 
 

@@ -130,14 +130,17 @@ class FlatAdamW:
                     f"FlatAdamW: the gradient of parameter {i} is {g.dtype}"
                     f"{' sparse' if g.is_sparse else ''}, expected dense {self.flat.dtype}"
                 )
-        # parameters without a gradient are left as they are, as torch skips them
-        kept = [[t.clone() for t in self._slices(i)] for i in missing]
+        # parameters without a gradient are left as they are, as torch skips them (moments
+        # that never moved are zeros, which a zero gradient keeps: only the value to restore)
+        kept = [
+            [t.clone() for t in self._slices(i)[: 3 if self._stepped[i] else 1]] for i in missing
+        ]
         torch.cat([g.reshape(-1) for g in grads], out=self._grad)
         self.flat.grad = self._grad
         self._opt.step()
         self.flat.grad = None
         for i, saved in zip(missing, kept, strict=True):
-            for dst, src in zip(self._slices(i), saved, strict=True):
+            for dst, src in zip(self._slices(i)[: len(saved)], saved, strict=True):
                 dst.copy_(src)
         present = set(range(len(grads))) - set(missing)
         self._stepped = [s or i in present for i, s in enumerate(self._stepped)]
