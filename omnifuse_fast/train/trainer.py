@@ -161,9 +161,11 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> FlatAdamW | t
 
     :class:`~omnifuse_fast.train.flat_adamw.FlatAdamW` where it can hold them (one floating
     dtype on one CPU or CUDA device): the trainable parameters become views of one flat
-    tensor and a step is one fused kernel over it (frozen ones are left out). On the main job's 60 tensors that is 0.2-0.3 ms a step
-    on the 2-core CPU against 0.84 ms for torch's fused AdamW per tensor (3.1 ms for
-    ``foreach``; benchmarks/NOTES.md). Elsewhere, torch's AdamW (``foreach``).
+    tensor and a step is one fused kernel over it (frozen ones are left out). On the main
+    job's 60 tensors that is 0.39 ms a step plus a 0.19 ms gather of the gradients (none
+    when the compiled step takes the flat tensor) on the 2-core CPU, against 0.84 ms for
+    torch's fused AdamW per tensor (3.1 ms for ``foreach``; benchmarks/NOTES.md). Elsewhere,
+    torch's AdamW (``foreach``).
     """
     params = list(model.parameters())
     # frozen parameters (e.g. FrozenTextEncoder's backbone) never step: not in the flat tensor
